@@ -1,0 +1,1 @@
+"""sslbench core: registries, config, data, backbones, pretraining loop, runner and results."""

@@ -1,0 +1,148 @@
+"""Multi-view augmentation on batches of tensors, with per-sample random parameters.
+
+Every op works on a whole (N, C, H, W) float batch on any device, drawing its randomness from an
+explicit `torch.Generator`, so the same code runs on the CPU today and on the GPU without a
+DataLoader, and a resumed run draws exactly the same views. Distributions follow torchvision's
+`RandomResizedCrop`, `ColorJitter`, `RandomGrayscale`, `GaussianBlur` and `RandomSolarize`, with the
+differences noted inline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view. Probabilities are per sample."""
+
+    size: int  # output side in pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2  # no effect on one-channel images
+    hue: float = 0.1  # no effect on one-channel images
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 px image, scaled to `size`
+    solarize_p: float = 0.0
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def _coin(n: int, p: float, g: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def resized_crop(x: Tensor, spec: ViewSpec, g: torch.Generator) -> Tensor:
+    """Random resized crop plus horizontal flip, one affine resample per sample.
+
+    torchvision retries up to 10 times for a box inside the image and then falls back to a centre
+    crop; here the sides are clamped to the image instead, which keeps the area distribution for all
+    boxes that fit and is branch-free.
+    """
+    n, dev = x.shape[0], x.device
+    area = _uniform(n, *spec.scale, g, dev)
+    log_r = _uniform(n, math.log(spec.ratio[0]), math.log(spec.ratio[1]), g, dev)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)  # fractions of the image side
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = _uniform(n, 0, 1, g, dev) * (1 - w) + w / 2  # box centre in [0, 1]
+    cy = _uniform(n, 0, 1, g, dev) * (1 - h) + h / 2
+    flip = torch.where(_coin(n, spec.flip_p, g, dev), -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx * 2 - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy * 2 - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], spec.size, spec.size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def color_jitter(x: Tensor, spec: ViewSpec, g: torch.Generator) -> Tensor:
+    """Brightness, contrast, saturation, hue with per-sample factors, applied with prob `jitter_p`.
+
+    torchvision applies the four in a random order per call; here the order is fixed
+    (brightness, contrast, saturation, hue). Hue is a rotation in YIQ space, a close, cheap
+    stand-in for torchvision's HSV shift.
+    """
+    n, dev = x.shape[0], x.device
+    on = _coin(n, spec.jitter_p, g, dev).view(n, 1, 1, 1)
+    b = _uniform(n, max(0.0, 1 - spec.brightness), 1 + spec.brightness, g, dev).view(n, 1, 1, 1)
+    c = _uniform(n, max(0.0, 1 - spec.contrast), 1 + spec.contrast, g, dev).view(n, 1, 1, 1)
+    s = _uniform(n, max(0.0, 1 - spec.saturation), 1 + spec.saturation, g, dev).view(n, 1, 1, 1)
+    h = _uniform(n, -spec.hue, spec.hue, g, dev)
+    y = (x * b).clamp(0, 1)
+    m = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - m) * c + m).clamp(0, 1)
+    if x.shape[1] == 3:
+        gray = _gray(y)
+        y = ((y - gray) * s + gray).clamp(0, 1)
+        y = _hue_rotate(y, h * 2 * math.pi).clamp(0, 1)
+    return torch.where(on, y, x)
+
+
+def _hue_rotate(x: Tensor, angle: Tensor) -> Tensor:
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    from_yiq = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(len(angle), 3, 3, device=x.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = from_yiq @ rot @ to_yiq  # (N, 3, 3)
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+def gaussian_blur(x: Tensor, spec: ViewSpec, g: torch.Generator) -> Tensor:
+    """Blur with per-sample sigma; kernel about 10% of the image side (SimCLR), odd."""
+    n, c, hh, ww = x.shape
+    dev = x.device
+    on = _coin(n, spec.blur_p, g, dev).view(n, 1, 1, 1)
+    sigma = _uniform(n, *spec.blur_sigma, g, dev) * (spec.size / 224)
+    k = max(3, int(0.1 * spec.size) // 2 * 2 + 1)
+    t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.clamp_min(1e-3).view(-1, 1) ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, k)
+    y = x.reshape(1, n * c, hh, ww)
+    y = F.pad(y, (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)
+    y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c)
+    return torch.where(on, y.view(n, c, hh, ww), x)
+
+
+def augment(x: Tensor, spec: ViewSpec, mean: Tensor, std: Tensor, g: torch.Generator) -> Tensor:
+    """One view of a uint8 (N, C, H, W) batch: normalised float (N, C, size, size)."""
+    n, dev = x.shape[0], x.device
+    y = resized_crop(x.float().div_(255), spec, g)
+    if spec.jitter_p > 0:
+        y = color_jitter(y, spec, g)
+    if spec.gray_p > 0:
+        y = torch.where(_coin(n, spec.gray_p, g, dev).view(n, 1, 1, 1), _gray(y), y)
+    if spec.blur_p > 0:
+        y = gaussian_blur(y, spec, g)
+    if spec.solarize_p > 0:
+        y = torch.where(_coin(n, spec.solarize_p, g, dev).view(n, 1, 1, 1) & (y >= 0.5), 1 - y, y)
+    return (y - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def make_views(x: Tensor, specs: list[ViewSpec], mean: tuple[float, ...], std: tuple[float, ...], g: torch.Generator) -> list[Tensor]:
+    """All views of a batch, in the order of `specs` (e.g. 2 global + V local crops)."""
+    m = torch.tensor(mean, device=x.device)
+    s = torch.tensor(std, device=x.device)
+    return [augment(x, spec, m, s, g) for spec in specs]

@@ -1,0 +1,110 @@
+"""Backbones: a small ConvNet for CPU runs, torchvision ResNets (optional small-image stem), timm ViTs.
+
+A backbone factory takes `(in_channels, image_size, small_stem)` and returns a module mapping
+(N, C, H, W) images to (N, dim) pooled features, with the feature width in `module.dim`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.config import PretrainConfig
+from benchmark.registry import BACKBONES, register_backbone
+
+
+class ConvNet(nn.Module):
+    """Four conv-BN-ReLU stages and global average pooling: fast enough for 2 CPU cores."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(c, w, 3, stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.dim = c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+@register_backbone("convnet")
+def convnet(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    del image_size, small_stem
+    return ConvNet(in_channels)
+
+
+@register_backbone("convnet_tiny")
+def convnet_tiny(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    del image_size, small_stem
+    return ConvNet(in_channels, (8, 16, 32))
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision ResNet without its classifier; keys keep torchvision's names (conv1, layer1, ...)."""
+
+    def __init__(self, arch: str, in_channels: int, small_stem: bool) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        if small_stem:  # CIFAR variant (SimCLR appendix B.9): 3x3 stride-1 conv, no max-pool
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.net(x), 1)
+
+
+@register_backbone("resnet18")
+def resnet18(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    return TorchvisionResNet("resnet18", in_channels, small_stem)
+
+
+@register_backbone("resnet50")
+def resnet50(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    return TorchvisionResNet("resnet50", in_channels, small_stem)
+
+
+class TimmViT(nn.Module):
+    """A timm Vision Transformer with `num_classes=0` (pooled CLS token out)."""
+
+    def __init__(self, name: str, in_channels: int, image_size: int, small_stem: bool) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ImportError("ViT backbones need timm: `pip install timm`") from None
+        patch = 4 if small_stem else 16  # 4 px patches for 32 px images (as MoCo v3's CIFAR runs)
+        self.net = timm.create_model(
+            name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch, in_chans=in_channels
+        )
+        self.dim = int(self.net.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_backbone("vit_tiny")
+def vit_tiny(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    return TimmViT("vit_tiny_patch16_224", in_channels, image_size, small_stem)
+
+
+@register_backbone("vit_small")
+def vit_small(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    return TimmViT("vit_small_patch16_224", in_channels, image_size, small_stem)
+
+
+def build_backbone(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
+    """Build the backbone named in `cfg` for images of this shape."""
+    small = cfg.small_stem if cfg.small_stem is not None else image_size <= 64
+    module: nn.Module = BACKBONES.get(cfg.backbone)(in_channels, image_size, small)
+    return module

@@ -1,0 +1,254 @@
+"""Typed configuration: dataclass defaults, then YAML overrides, then `--set a.b=c` overrides.
+
+Every section of a resolved configuration is a frozen dataclass. Overrides are plain nested dicts;
+unknown keys and wrong types raise `ConfigError` naming the valid fields. `config_hash` hashes the
+semantic part of a configuration (fields marked `hash=False`, such as worker counts and paths, are
+left out) so that every result row can say exactly which configuration made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from benchmark.errors import ConfigError
+
+
+def nohash(default: Any, **kw: Any) -> Any:
+    """A dataclass field that does not change results (worker counts, paths): kept out of hashes."""
+    return field(default=default, metadata={"hash": False}, **kw)
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `ok`; used in `__post_init__` validators."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def positive(path: str, value: float) -> None:
+    check(
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+        f"{path} must be a finite number > 0, got {value!r}",
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which part of a dataset is used and how it is split."""
+
+    root: str | None = nohash(None)  # dataset folder; None: $SSLBENCH_DATA_<NAME> or the default path
+    train_size: int | None = None  # class-balanced subset of the train split (None: all)
+    test_size: int | None = None  # class-balanced subset of the test split (None: all)
+    val_fraction: float = 0.1  # held out of train for model selection; protocols test once
+    split_seed: int = 0  # the validation split and subsets are fixed by this, not by the run seed
+    image_size: int | None = None  # resize to this (None: native size)
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "test_size", "image_size"):
+            v = getattr(self, name)
+            check(v is None or v > 0, f"data.{name} must be > 0 or null, got {v!r}")
+        check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The shared pretraining loop. Methods declare their own defaults for these in the registry."""
+
+    backbone: str = "convnet"  # see `--list`
+    small_stem: bool | None = None  # ResNet 3x3 stem without max-pool; None: on for images <= 64 px
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = 0.05  # for batch 256, scaled linearly with batch_size (Goyal et al. 2017)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1)
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    deterministic: bool = nohash(False)  # torch.use_deterministic_algorithms
+    checkpoint_every: int = nohash(1)  # epochs between checkpoints (a checkpoint is always written at the end)
+    keep_checkpoints: int = nohash(2)  # >= 2 so that a corrupt latest checkpoint is survivable
+    num_workers: int = nohash(0)  # data-loading workers for datasets not held in memory
+
+    def __post_init__(self) -> None:
+        positive("pretrain.lr", self.lr)
+        check(self.epochs >= 0, f"pretrain.epochs must be >= 0, got {self.epochs}")
+        check(self.batch_size > 0, f"pretrain.batch_size must be > 0, got {self.batch_size}")
+        check(self.weight_decay >= 0, f"pretrain.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup_epochs >= 0, f"pretrain.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(self.checkpoint_every > 0, "pretrain.checkpoint_every must be > 0")
+        check(self.keep_checkpoints >= 2, "pretrain.keep_checkpoints must be >= 2")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Frozen-feature extraction shared by all protocols."""
+
+    batch_size: int = nohash(512)  # eval mode: features do not depend on it
+    cache: bool = nohash(True)  # reuse extracted features across protocols of one encoder
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+
+
+CORE_SECTIONS: dict[str, type] = {"data": DataConfig, "pretrain": PretrainConfig, "eval": EvalConfig}
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Return `value` checked against the annotation `tp` (numeric strings become numbers)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {args}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], path: str) -> Any:
+    """Return a copy of the dataclass `cfg` with `overrides` applied and validated.
+
+    Args:
+        cfg: a dataclass instance.
+        overrides: field name -> new value (values as parsed from YAML).
+        path: the section name, used in error messages (`knn`, `pretrain`).
+    """
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{path} must be a mapping of field: value, got {overrides!r}")
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key {path}.{key}; valid fields of {path}: {', '.join(sorted(fields))}"
+            )
+        changes[key] = _coerce(f"{path}.{key}", hints[key], value)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`["knn.k=20", "pretrain.lr=0.1"]` -> `{"knn": {"k": 20}, "pretrain": {"lr": 0.1}}`."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name or "." in name:
+            raise ConfigError(f"--set expects section.key=value (e.g. knn.k=20), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a YAML file of overrides: `{section: {key: value}}`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{p} must map section names to mappings, e.g. 'knn: {{k: 20}}'")
+    return data
+
+
+def merge(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merge override layers section by section; later layers win."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"section {section!r} must be a mapping of key: value, got {values!r}")
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def to_dict(cfg: Any, semantic_only: bool = False) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict; `semantic_only` drops fields marked `hash=False`."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if semantic_only and not f.metadata.get("hash", True):
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_hash(sections: Mapping[str, Any]) -> str:
+    """Stable 12-hex-digit hash of semantic config values (independent of key order)."""
+    payload = {
+        k: to_dict(v, semantic_only=True) if dataclasses.is_dataclass(v) else v
+        for k, v in sections.items()
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

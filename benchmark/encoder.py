@@ -1,0 +1,133 @@
+"""The frozen `Encoder` every protocol receives, and cached feature extraction.
+
+Protocols never see an architecture: they call `extract_features(encoder, images)` or, for
+fine-tuning, `encoder.trainable_copy()` (a deep copy, so the registered encoder stays frozen).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.data import ImageSet, Splits
+from benchmark.io import atomic_save
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    dim: int
+
+    def features(self, x: Tensor) -> Tensor: ...  # (N, dim); eval mode, no grad
+
+    def trainable_copy(self) -> nn.Module: ...  # for fine-tuning protocols only
+
+
+@dataclass
+class FrozenEncoder:
+    """Wraps a backbone: eval mode, no gradients; inputs are uint8 images, normalised here.
+
+    Args:
+        module: maps normalised (N, C, H, W) float images to (N, dim).
+        dim: feature width.
+        mean, std: per-channel normalisation (in [0, 1] units) applied to uint8 inputs.
+        key: identifies the weights (e.g. the checkpoint sha256) for the feature cache.
+        device: where features are computed.
+    """
+
+    module: nn.Module
+    dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    key: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path | None = None  # on-disk feature cache (shared by every protocol of a run)
+    memo: dict[str, Tensor] = field(default_factory=dict)  # in-process feature cache
+    batch_size: int = 512  # feature-extraction batch (eval mode: features do not depend on it)
+    effective_batch_size: int | None = None  # set by extract_features (after any OOM back-off)
+
+    def __post_init__(self) -> None:
+        self.module.eval().requires_grad_(False).to(self.device)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> normalised float on the encoder's device."""
+        x = x.to(self.device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @torch.inference_mode()
+    def features(self, x: Tensor) -> Tensor:
+        self.module.eval()
+        amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            f = self.module(self.normalise(x))
+        return f.float()
+
+    def trainable_copy(self) -> nn.Module:
+        m = copy.deepcopy(self.module)
+        return m.train().requires_grad_(True)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def split_features(encoder: Encoder, data: Splits) -> dict[str, tuple[Tensor, Tensor]]:
+    """{"train" | "val" | "test": (features (N, dim), labels (N,))}, extracted once per encoder."""
+    return {
+        split: (extract_features(encoder, images, name=f"{data.fingerprint}-{split}"), images.y)
+        for split, images in (("train", data.train), ("val", data.val), ("test", data.test))
+    }
+
+
+def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None = None, name: str = "") -> Tensor:
+    """Features of all `images` as a (N, dim) float32 CPU tensor.
+
+    On an out-of-memory error the batch is halved and extraction restarts (features do not depend on
+    the batch in eval mode); the batch used is stored in `encoder.effective_batch_size`. With a
+    `cache_dir` and a `name`, features are cached on disk under the encoder's key.
+    """
+    cache_dir = getattr(encoder, "cache_dir", None)
+    memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
+    if memo is not None and name in memo:
+        return memo[name]
+    path = None
+    if cache_dir is not None and name:
+        path = Path(cache_dir) / f"{getattr(encoder, 'key', 'enc')}-{name}.pt"
+        if path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+                if isinstance(cached, Tensor) and cached.shape == (len(images), encoder.dim):
+                    return cached
+            except Exception as e:  # a damaged cache is recomputed, never trusted
+                log.warning("ignoring unreadable feature cache %s: %s", path, e)
+    bs = batch_size or int(getattr(encoder, "batch_size", 512))
+    while True:
+        try:
+            out = torch.cat([encoder.features(images.x[i : i + bs]).cpu() for i in range(0, len(images), bs)])
+            break
+        except RuntimeError as e:
+            if not _is_oom(e) or bs == 1:
+                if _is_oom(e):
+                    raise RuntimeError(f"OOM at feature-extraction batch 1: {e}") from e
+                raise
+            bs = max(1, bs // 2)
+            log.warning("out of memory during feature extraction; retrying with batch %d", bs)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if hasattr(encoder, "effective_batch_size"):
+        encoder.effective_batch_size = bs
+    if path is not None:
+        atomic_save(path, lambda p: torch.save(out, p))
+    if memo is not None and name:
+        memo[name] = out
+    return out

@@ -1,0 +1,28 @@
+"""Harness errors: each one carries a single line telling the user what to do."""
+
+from __future__ import annotations
+
+
+class SSLBenchError(Exception):
+    """Base class; the CLI prints `error: <message>` and exits with status 2."""
+
+
+class ConfigError(SSLBenchError, ValueError):
+    """A bad name, key, type or value in the configuration."""
+
+
+class DatasetError(SSLBenchError):
+    """A dataset is missing, empty or corrupt."""
+
+
+class CheckpointIntegrityError(SSLBenchError):
+    """A checkpoint fails its sha256 check or cannot be read."""
+
+
+class DivergedError(SSLBenchError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, last_finite: float | None) -> None:
+        super().__init__(f"loss is not finite at step {step} (last finite loss: {last_finite})")
+        self.step = step
+        self.last_finite = last_finite

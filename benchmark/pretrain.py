@@ -1,0 +1,163 @@
+"""The shared pretraining loop: any registered method, any backbone, resumable bit for bit.
+
+A method is an `nn.Module` built as `cls(backbone, cfg)` that provides `views(image_size)`,
+`loss(views, progress, labels=None)` and `encoder()`. Labels are passed only to methods that set
+`uses_labels = True` (the supervised baseline); methods with `trainable = False` are not trained.
+
+Randomness is derived from (seed, epoch, step), so a run resumed from a checkpoint draws the same
+batches and the same augmentations as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from benchmark.augment import ViewSpec, make_views
+from benchmark.backbones import build_backbone
+from benchmark.checkpoints import CheckpointDir
+from benchmark.config import PretrainConfig
+from benchmark.data import Splits
+from benchmark.errors import DivergedError
+from benchmark.monitors import is_collapsed, rankme, std_of_l2_normalized
+from benchmark.optim import base_lr, build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+class Method(Protocol):
+    def views(self, image_size: int) -> list[ViewSpec]: ...
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor: ...
+
+    def encoder(self) -> nn.Module: ...
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple, stable across processes and Python versions."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class PretrainOutcome:
+    status: str  # ok | collapsed | diverged
+    encoder: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged_at: int | None = None
+    last_finite_loss: float | None = None
+    steps: int = 0
+
+
+def build_method(method_cls: Callable[..., Any], method_cfg: Any, cfg: PretrainConfig, splits: Splits, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg, splits.channels, splits.image_size)
+    model: nn.Module = method_cls(backbone, method_cfg)
+    return model
+
+
+def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: int = 512) -> dict[str, float]:
+    """std·sqrt(d) and RankMe of the encoder's features on a fixed slice of the validation split."""
+    was_training = encoder.training
+    encoder.eval()
+    mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
+    with torch.no_grad():
+        x = (splits.val.x[:n].to(device).float() / 255 - mean) / std
+        z = encoder(x).float()
+    encoder.train(was_training)
+    return {"std_l2": std_of_l2_normalized(z), "rankme": rankme(z)}
+
+
+def pretrain(
+    model: nn.Module,
+    splits: Splits,
+    cfg: PretrainConfig,
+    seed: int,
+    ckpt_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "pretrain",
+) -> PretrainOutcome:
+    """Train `model` on `splits.train` (labels withheld unless the method uses them).
+
+    Resumes from the newest valid checkpoint in `ckpt_dir`. Raises nothing for divergence: a
+    non-finite loss ends the run with status `diverged`.
+    """
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    specs = model.views(splits.image_size)
+    uses_labels = bool(getattr(model, "uses_labels", False))
+    n = len(splits.train)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    opt = build_optimizer(model, cfg)
+    ckpts = CheckpointDir(ckpt_dir, cfg.keep_checkpoints)
+    history: list[dict[str, float]] = []
+    start_epoch, step = 0, 0
+    state = ckpts.load_latest()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        log.info("resumed from epoch %d of %s", start_epoch, ckpt_dir)
+    amp = device.type == "cuda" and cfg.amp
+    last_finite: float | None = history[-1]["loss"] if history else None
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, dynamic_ncols=True, leave=False, mininterval=0.5)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+        running, t0 = 0.0, time.perf_counter()
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = splits.train.x[idx].to(device, non_blocking=True)
+            g = torch.Generator(device).manual_seed(derive_seed(seed, "views", step))
+            views = make_views(x, specs, splits.mean, splits.std, g)
+            if device.type == "cuda" and cfg.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = splits.train.y[idx].to(device) if uses_labels else None
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, base_lr(cfg))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = model.loss(views, step / max(1, total), labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                bar.close()
+                log.error("diverged at step %d (last finite loss %s)", step, last_finite)
+                return PretrainOutcome("diverged", model.encoder(), history, step, last_finite, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last_finite = value
+            running += value
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", refresh=False)
+        stats = collapse_stats(model.encoder(), splits, device)
+        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
+        log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
+                     "history": history, "rng_cpu": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state()
+            ckpts.save(state, epoch + 1)
+    bar.close()
+    final = history[-1] if history else collapse_stats(model.encoder(), splits, device)
+    dim = int(getattr(model.encoder(), "dim", 1))
+    status = "collapsed" if is_collapsed(final["std_l2"], final["rankme"], dim) and cfg.epochs > 0 else "ok"
+    return PretrainOutcome(status, model.encoder(), history, None, last_finite, step)

@@ -1,0 +1,39 @@
+"""Where a number came from: git commit, package versions, time."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def git_info() -> tuple[str, bool]:
+    """(commit sha or 'unknown', whether tracked files differ from it)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    if sha.returncode != 0:
+        return "unknown", False
+    return sha.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version()}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")

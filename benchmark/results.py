@@ -1,0 +1,146 @@
+"""Result rows, one atomically written JSON record per finished cell, and the derived tables.
+
+`results.csv` (tidy: one metric per row) and `leaderboard.csv` / `leaderboard.md` (pandas pivot:
+method x dataset/protocol@version/metric, mean ± std over seeds) are rebuilt from the records and
+never edited by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmark.io import atomic_write_json, atomic_write_text, is_temp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One number a protocol reports. The runner adds the provenance columns."""
+
+    metric: str  # top1, top5, map, ...
+    value: float
+    split: str = "test"
+    stderr: float | None = None
+    selection: str = ""  # how hyperparameters were chosen, e.g. "val top1: C=0.316"
+    n_train: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Columns of results.csv, in order. Every record row has all of them.
+COLUMNS = [
+    "run_id", "method", "checkpoint", "protocol", "protocol_version", "dataset", "split", "metric", "value",
+    "stderr", "selection", "seed", "n_train", "status", "flags", "suite", "backbone", "config_hash",
+    "pretrain_hash", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "torch", "python",
+    "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s",
+]
+KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]
+STATUS_ORDER = {"ok": 0, "collapsed": 1, "diverged": 2, "failed": 3}
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write one cell's record (`status`, `rows`, `meta`) atomically."""
+    atomic_write_json(path, record)
+
+
+def read_records(root: Path) -> list[dict[str, Any]]:
+    """All parseable records under `root/records`; temp files skipped, unparseable ones warned about."""
+    out = []
+    for p in sorted((root / "records").rglob("*.json")):
+        if is_temp(p):
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable record %s: %s", p, e)
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("rows"), list):
+            out.append(rec)
+    return out
+
+
+def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = [r for rec in records for r in rec["rows"]]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if df.empty:
+        return df
+    # one result per cell key and metric: the latest finished attempt wins
+    df = df.sort_values(["finished_at", "run_id"]).drop_duplicates(KEY + ["split", "metric"], keep="last")
+    return df.sort_values(KEY + ["split", "metric"], kind="stable").reset_index(drop=True)
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+
+
+def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows: method. Columns: dataset/protocol@version/metric as 'mean ± std' (in %), then n_seeds.
+
+    Only `split == test` rows with status ok or collapsed count; collapsed methods are flagged.
+    """
+    ok = df[(df["split"] == "test") & df["status"].isin(["ok", "collapsed"]) & df["value"].notna()].copy()
+    if ok.empty:
+        return pd.DataFrame(columns=["method"])
+    ok["column"] = ok["dataset"] + "/" + ok["protocol"] + "@" + ok["protocol_version"].astype(str) + "/" + ok["metric"]
+    g = ok.groupby(["method", "column"])["value"]
+    stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "n": g.count()}).reset_index()
+    stats["cell"] = [fmt(m, s, n) for m, s, n in zip(stats["mean"], stats["std"], stats["n"])]
+    table = stats.pivot(index="method", columns="column", values="cell").fillna("")
+    table = table[sorted(table.columns)]
+    table["n_seeds"] = ok.groupby("method")["seed"].nunique()
+    for col in ("suite", "backbone", "device"):
+        table[col] = ok.groupby("method")[col].agg(lambda v: ",".join(sorted(set(map(str, v)))))
+    table["flags"] = ok.groupby("method")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f != "nan"})))
+    first = [c for c in table.columns if "/" in c]
+    order = table[first[0]].str.split(" ").str[0].replace("", "nan").astype(float) if first else None
+    table = table.reset_index()
+    if order is not None:
+        table = table.assign(_o=order.values).sort_values(["_o", "method"], ascending=[False, True]).drop(columns="_o")
+    return table.reset_index(drop=True)
+
+
+def failures(df: pd.DataFrame) -> pd.DataFrame:
+    bad = df[~df["status"].isin(["ok", "collapsed"])]
+    return bad.drop_duplicates(KEY)[KEY + ["status", "flags", "run_id"]].reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    cols = list(table.columns)
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    lines += ["", "Values: test-split metric in %, mean ± std over seeds (n_seeds). Generated by run_benchmark.py; do not edit."]
+    return "\n".join(lines) + "\n"
+
+
+def rebuild(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Regenerate results.csv, leaderboard.csv, leaderboard.md and failures.csv in `out`."""
+    df = records_to_frame(read_records(out))
+    atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
+    table = leaderboard(df)
+    atomic_write_text(out / "leaderboard.csv", table.to_csv(index=False))
+    atomic_write_text(out / "leaderboard.md", to_markdown(table, "sslbench leaderboard"))
+    fails = failures(df) if not df.empty else pd.DataFrame()
+    if not fails.empty:
+        atomic_write_text(out / "failures.csv", fails.to_csv(index=False))
+    else:
+        (out / "failures.csv").unlink(missing_ok=True)
+    return df, table
+
+
+def row_dict(row: Row, provenance: dict[str, Any]) -> dict[str, Any]:
+    d = {**provenance, **{k: v for k, v in asdict(row).items() if k != "extra"}}
+    if row.extra:
+        d["flags"] = ",".join(filter(None, [str(d.get("flags") or ""), *(f"{k}={v}" for k, v in row.extra.items())]))
+    if row.n_train is None:
+        d["n_train"] = provenance.get("n_train")
+    return {c: d.get(c) for c in COLUMNS}

@@ -1,0 +1,344 @@
+"""Plan a grid of cells and run it through an executor. Knows no particular method or protocol.
+
+A pretraining task is (method, dataset, seed) with its resolved config; an evaluation cell adds
+(protocol@version). Tasks are plain picklable objects and the task functions read and write only
+files under `out`, so any executor (local now, SLURM later) can run them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from benchmark import config as C
+from benchmark.checkpoints import sha256_file, verify
+from benchmark.data import load_splits, save_split_file
+from benchmark.device import describe
+from benchmark.encoder import FrozenEncoder
+from benchmark.errors import CheckpointIntegrityError, ConfigError
+from benchmark.executor import Executor
+from benchmark.io import atomic_save, atomic_write_json, atomic_write_text
+from benchmark.pretrain import build_method, pretrain
+from benchmark.provenance import git_info, now, versions
+from benchmark.registry import DATASETS, METHODS, PROTOCOLS
+from benchmark.results import Row, rebuild, row_dict, write_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, before resolution."""
+
+    methods: tuple[str, ...]
+    protocols: tuple[str, ...]
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: dict[str, dict[str, Any]]  # suite < YAML < --set, already merged
+    out: str
+    suite: str
+    device: str = "cpu"
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainTask:
+    method: str
+    dataset: str
+    seed: int
+    data: C.DataConfig
+    pretrain: C.PretrainConfig
+    method_cfg: Any
+    pretrain_hash: str
+    run_dir: str
+    out: str
+    suite: str
+    device: str
+    progress: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.dataset}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    pretrain: PretrainTask
+    protocol: str
+    version: str
+    protocol_cfg: Any
+    eval_cfg: C.EvalConfig
+    config_hash: str
+    record_path: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.pretrain.label} {self.protocol}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    pretrain: list[PretrainTask]
+    evals: list[EvalTask]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _check_sections(overrides: dict[str, dict[str, Any]]) -> None:
+    valid = set(C.CORE_SECTIONS) | set(METHODS.names()) | set(PROTOCOLS.names())
+    for section in overrides:
+        if section not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(section, sorted(valid), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config section {section!r}{hint} valid: {', '.join(sorted(valid))}")
+
+
+def _fill_from_data(cfg: Any, num_classes: int) -> Any:
+    """A plugin config field `num_classes` left at None takes the dataset's class count."""
+    if any(f.name == "num_classes" for f in dataclasses.fields(cfg)) and cfg.num_classes is None:
+        return dataclasses.replace(cfg, num_classes=num_classes)
+    return cfg
+
+
+def plan(req: Request) -> Plan:
+    """Resolve and validate everything (names, configs, datasets) before any work starts."""
+    for names, reg in ((req.methods, METHODS), (req.protocols, PROTOCOLS), (req.datasets, DATASETS)):
+        for name in names:
+            reg.entry(name)
+    _check_sections(req.overrides)
+    ov = req.overrides
+    data_cfg = C.apply_overrides(C.DataConfig(), ov.get("data", {}), "data")
+    eval_cfg = C.apply_overrides(C.EvalConfig(), ov.get("eval", {}), "eval")
+    for name in set(ov) & set(METHODS.names()) | set(ov) & set(PROTOCOLS.names()):  # typos fail even off-grid
+        reg = METHODS if name in METHODS else PROTOCOLS
+        C.apply_overrides(reg.entry(name).config(), ov[name], name)
+    out = Path(req.out)
+    pre_tasks, eval_tasks = [], []
+    for dataset in req.datasets:
+        splits = load_splits(dataset, data_cfg)  # fails now, not inside a job, if the data is missing
+        for method in req.methods:
+            entry = METHODS.entry(method)
+            pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {})}, "pretrain")
+            m_cfg = _fill_from_data(C.apply_overrides(entry.config(), ov.get(method, {}), method), splits.num_classes)
+            for seed in req.seeds:
+                ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,
+                                    "dataset": dataset, "fingerprint": splits.fingerprint, "seed": seed})
+                run_dir = out / "runs" / dataset / method / f"seed{seed}-{ph}"
+                pt = PretrainTask(method, dataset, seed, data_cfg, pre_cfg, m_cfg, ph, str(run_dir), str(out), req.suite, req.device, req.progress)
+                pre_tasks.append(pt)
+                for protocol in req.protocols:
+                    pentry = PROTOCOLS.entry(protocol)
+                    version = str(pentry.meta.get("version", "1"))
+                    p_cfg = _fill_from_data(C.apply_overrides(pentry.config(), ov.get(protocol, {}), protocol), splits.num_classes)
+                    ch = C.config_hash({"pretrain_hash": ph, "protocol": protocol, "version": version, "cfg": p_cfg})
+                    rec = out / "records" / dataset / method / f"{protocol}@{version}" / f"seed{seed}-{ch}.json"
+                    eval_tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec)))
+    return Plan(pre_tasks, eval_tasks)
+
+
+# --------------------------------------------------------------------------- task functions
+
+
+def _sections(task: PretrainTask) -> dict[str, Any]:
+    return {"data": C.to_dict(task.data), "pretrain": C.to_dict(task.pretrain), task.method: C.to_dict(task.method_cfg)}
+
+
+def run_pretrain(task: PretrainTask) -> dict[str, Any]:
+    """Pretrain (or resume, or reuse) one method; writes encoder weights and `pretrain.json`."""
+    run_dir = Path(task.run_dir)
+    meta_path = run_dir / "pretrain.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["status"] == "diverged" or _encoder_ok(run_dir):
+            return dict(meta)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    attempts = 1 + int((run_dir / "attempts").read_text()) if (run_dir / "attempts").is_file() else 1
+    atomic_write_text(run_dir / "attempts", str(attempts))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_sections(task), sort_keys=True))
+    splits = load_splits(task.dataset, task.data)
+    save_split_file(splits, Path(task.out) / "splits" / f"{task.dataset}-{splits.fingerprint}.json")
+    device = torch.device(task.device)
+    t0 = time.perf_counter()
+    model = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed)
+    trainable = getattr(model, "trainable", True) and task.pretrain.epochs > 0
+    cfg = task.pretrain if trainable else dataclasses.replace(task.pretrain, epochs=0)
+    outcome = pretrain(model, splits, cfg, task.seed, run_dir / "checkpoints", device, task.progress, desc=task.label)
+    meta = {"status": outcome.status, "method": task.method, "dataset": task.dataset, "seed": task.seed,
+            "pretrain_hash": task.pretrain_hash, "attempts": attempts, "steps": outcome.steps,
+            "diverged_at": outcome.diverged_at, "last_finite_loss": outcome.last_finite_loss,
+            "history": outcome.history, "wall_s": time.perf_counter() - t0, "finished_at": now(),
+            "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0))}
+    if outcome.status != "diverged":
+        _save_encoder(outcome.encoder, run_dir / "encoder.safetensors")
+        meta["encoder_sha256"] = sha256_file(run_dir / "encoder.safetensors")
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def _save_encoder(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_save(path, lambda p: save_file(tensors, str(p)))
+    atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
+
+
+def _encoder_ok(run_dir: Path) -> bool:
+    try:
+        verify(run_dir / "encoder.safetensors")
+        return True
+    except CheckpointIntegrityError:
+        return False
+
+
+def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg: C.EvalConfig) -> FrozenEncoder:
+    """Rebuild the backbone and load the verified encoder weights (strict: every key must match)."""
+    from safetensors.torch import load_file
+
+    from benchmark.backbones import build_backbone
+
+    path = Path(task.run_dir) / "encoder.safetensors"
+    digest = verify(path)
+    module = build_backbone(task.pretrain, splits.channels, splits.image_size)
+    module.load_state_dict(load_file(str(path)), strict=True)
+    return FrozenEncoder(module, int(module.dim), splits.mean, splits.std, key=digest[:16], device=device,
+                         cache_dir=Path(task.run_dir) / "features" if eval_cfg.cache else None, batch_size=eval_cfg.batch_size)
+
+
+def _state_fingerprint(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def run_eval(task: EvalTask) -> dict[str, Any]:
+    """Evaluate one cell and write its record atomically. Returns the record."""
+    pt = task.pretrain
+    started, t0 = now(), time.perf_counter()
+    meta = json.loads((Path(pt.run_dir) / "pretrain.json").read_text())
+    sha, dirty = git_info()
+    v = versions()
+    device = torch.device(pt.device)
+    prov: dict[str, Any] = {
+        "run_id": uuid.uuid4().hex[:12], "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
+        "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
+        "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "git_sha": sha, "git_dirty": dirty,
+        "torch": v["torch"], "python": v["python"], "device": describe(device), "attempts": meta.get("attempts"),
+        "started_at": started, "status": meta["status"], "flags": "collapsed" if meta["status"] == "collapsed" else "",
+        "checkpoint": str(Path(pt.run_dir) / "encoder.safetensors"), "checkpoint_sha256": meta.get("encoder_sha256"),
+    }
+    rows: list[Row]
+    if meta["status"] == "diverged":
+        rows = [Row("diverged", float("nan"), extra={"step": meta.get("diverged_at")})]
+    else:
+        splits = load_splits(pt.dataset, pt.data)
+        prov["dataset_fingerprint"] = splits.fingerprint
+        prov["n_train"] = len(splits.train) + len(splits.val)
+        encoder = load_encoder(pt, splits, device, task.eval_cfg)
+        before = _state_fingerprint(encoder.module)
+        rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed)
+        after = encoder.module.state_dict()
+        changed = [k for k, t in before.items() if not torch.equal(t, after[k])]
+        if changed:
+            raise RuntimeError(f"protocol {task.protocol} changed the frozen encoder ({', '.join(changed[:3])})")
+        prov["effective_batch_size"] = encoder.effective_batch_size
+    prov["finished_at"], prov["wall_s"] = now(), round(time.perf_counter() - t0, 3)
+    record = {"status": prov["status"], "config": {**_sections(pt), task.protocol: C.to_dict(task.protocol_cfg)},
+              "versions": v, "rows": [row_dict(r, prov) for r in rows]}
+    write_record(Path(task.record_path), record)
+    Path(task.record_path).with_suffix(".failed.json").unlink(missing_ok=True)
+    return record
+
+
+def failed_record(task: EvalTask, error: BaseException, job_id: str) -> dict[str, Any]:
+    """A record for a cell whose job raised: listed in failures.csv, never in the leaderboard."""
+    pt = task.pretrain
+    msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    prov = {"run_id": job_id, "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
+            "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
+            "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "status": "failed", "flags": msg,
+            "finished_at": now()}
+    record = {"status": "failed", "error": "".join(traceback.format_exception(error))[-4000:],
+              "rows": [row_dict(Row("failed", float("nan")), prov)]}
+    write_record(Path(task.record_path).with_suffix(".failed.json"), record)
+    return record
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    diverged: list[str] = dataclasses.field(default_factory=list)
+
+
+def _finished(task: EvalTask) -> bool:
+    p = Path(task.record_path)
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("status") in ("ok", "collapsed", "diverged")
+    except ValueError:
+        return False
+
+
+def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any = print) -> Summary:
+    """Run every pretraining task, then every evaluation cell whose encoder exists; rebuild the tables."""
+    import shutil
+
+    summary = Summary()
+    todo = [t for t in p.evals if force or not _finished(t)]
+    summary.skipped = len(p.evals) - len(todo)
+    if summary.skipped:
+        echo(f"{summary.skipped} of {len(p.evals)} cells already have results (use --force to rerun them)")
+    needed = {t.pretrain.run_dir for t in todo}
+    pre_errors: dict[str, BaseException] = {}
+    pre_jobs = [t for t in p.pretrain if t.run_dir in needed]
+    for i, task in enumerate(pre_jobs, 1):
+        if force and Path(task.run_dir).exists():
+            shutil.rmtree(task.run_dir)
+        echo(f"[{i}/{len(pre_jobs)}] pretrain {task.label} ({task.pretrain.backbone}, {task.pretrain.epochs} epochs)")
+        job = executor.submit(run_pretrain, task)
+        err = job.exception()
+        if err is not None:
+            pre_errors[task.run_dir] = err
+            echo(f"    failed: {type(err).__name__}: {err}")
+        else:
+            meta = job.result()
+            last = meta["history"][-1] if meta["history"] else {}
+            echo(f"    {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
+    for i, task in enumerate(todo, 1):
+        if task.pretrain.run_dir in pre_errors:
+            failed_record(task, pre_errors[task.pretrain.run_dir], "pretrain")
+            summary.failed.append(task.label)
+            continue
+        job = executor.submit(run_eval, task)
+        err = job.exception()
+        if err is not None:
+            failed_record(task, err, job.job_id)
+            summary.failed.append(task.label)
+            echo(f"[{i}/{len(todo)}] {task.label}: failed: {type(err).__name__}: {err}")
+            continue
+        rec = job.result()
+        summary.done += 1
+        if rec["status"] == "diverged":
+            summary.diverged.append(task.label)
+        shown = ", ".join(f"{r['metric']} {100 * r['value']:.2f}" for r in rec["rows"] if r["split"] == "test" and r["value"] == r["value"])
+        echo(f"[{i}/{len(todo)}] {task.label}: {rec['status']} {shown}")
+    rebuild(out)
+    return summary

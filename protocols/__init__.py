@@ -1,0 +1,4 @@
+"""Protocol plugins: one import per plugin, sorted. Importing registers them."""
+
+from protocols import knn as knn
+from protocols import linear as linear

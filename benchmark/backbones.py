@@ -16,7 +16,7 @@ from benchmark.registry import BACKBONES, register_backbone
 class ConvNet(nn.Module):
     """Four conv-BN-ReLU stages and global average pooling: fast enough for 2 CPU cores."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels

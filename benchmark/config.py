@@ -73,7 +73,7 @@ class PretrainConfig:
     momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1)
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
     amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # memory format of model and views (faster convs on CPU and GPU)
     deterministic: bool = nohash(False)  # torch.use_deterministic_algorithms
     checkpoint_every: int = nohash(1)  # epochs between checkpoints (a checkpoint is always written at the end)
     keep_checkpoints: int = nohash(2)  # >= 2 so that a corrupt latest checkpoint is survivable

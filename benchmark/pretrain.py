@@ -94,8 +94,8 @@ def pretrain(
     """
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     specs = model.views(splits.image_size)
     uses_labels = bool(getattr(model, "uses_labels", False))
     n = len(splits.train)
@@ -127,7 +127,7 @@ def pretrain(
             x = splits.train.x[idx].to(device, non_blocking=True)
             g = torch.Generator(device).manual_seed(derive_seed(seed, "views", step))
             views = make_views(x, specs, splits.mean, splits.std, g)
-            if device.type == "cuda" and cfg.channels_last:
+            if cfg.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = splits.train.y[idx].to(device) if uses_labels else None
             for group in opt.param_groups:

@@ -26,6 +26,7 @@ class Config:
     hidden_dim: int = 4096  # projector and predictor hidden width
     proj_dim: int = 256  # projection / prediction size
     momentum: float = 0.996  # tau_base; cosine schedule to 1.0 over training (paper sec. 3.2)
+    min_scale: float = 0.08  # smallest random-resized-crop area (paper: 0.08)
 
     def __post_init__(self) -> None:
         check(0 <= self.momentum <= 1, f"byol.momentum must be in [0, 1], got {self.momentum}")
@@ -55,7 +56,7 @@ class BYOL(nn.Module):
 
     def views(self, image_size: int) -> list[ViewSpec]:
         # The two views differ in blur and solarisation probabilities (paper, table 6).
-        v = ViewSpec(size=image_size, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
+        v = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
         return [ViewSpec(**{**v.__dict__, "blur_p": 1.0}), ViewSpec(**{**v.__dict__, "blur_p": 0.1, "solarize_p": 0.2})]
 
     @torch.no_grad()

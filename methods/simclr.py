@@ -25,6 +25,7 @@ class Config:
     temperature: float = 0.5  # 0.5 for CIFAR-10 (paper, appendix B.9); 0.1 for ImageNet at batch 4096
     jitter_strength: float = 0.5  # colour-jitter strength s (0.5 on CIFAR-10, 1.0 on ImageNet)
     blur: bool = False  # Gaussian blur is used on ImageNet, not on CIFAR-10 (appendix B.9)
+    min_scale: float = 0.08  # smallest random-resized-crop area (paper: 0.08)
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"simclr.temperature must be > 0, got {self.temperature}")
@@ -55,7 +56,7 @@ class SimCLR(nn.Module):
 
     def views(self, image_size: int) -> list[ViewSpec]:
         s = self.cfg.jitter_strength
-        view = ViewSpec(size=image_size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
+        view = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
                         blur_p=0.5 if self.cfg.blur else 0.0)
         return [view, view]
 

@@ -28,7 +28,7 @@ class Config:
     wd_max_exp: float = 5.0
     grid_points: int = 45  # 45 points as ssl-transfer and DINOv2
     max_iter: int = 1000  # L-BFGS iterations per fit (DINOv2: 1000)
-    tol: float = 1e-6  # L-BFGS gradient tolerance
+    tol: float = 1e-4  # L-BFGS gradient tolerance (scikit-learn's default tol); 1e-6 took 2.7x longer for the same choice
     standardize: bool = True  # z-score features with train statistics before fitting
 
     def __post_init__(self) -> None:

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import gzip
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.config import DataConfig
+from benchmark.data import balanced_subset, load_raw, make_splits, read_idx
+from benchmark.errors import DatasetError
+from tests.conftest import FMNIST
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to download fails loudly (RELIABILITY.md T12)."""
+
+    def refuse(*args: object, **kw: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_reads_the_debian_idx_files() -> None:
+    raw = load_raw("fashion_mnist", None)
+    assert raw.train.x.shape == (60000, 1, 28, 28) and raw.test.x.shape == (10000, 1, 28, 28)
+    assert raw.train.x.dtype == torch.uint8
+    assert torch.bincount(raw.train.y).tolist() == [6000] * 10
+
+
+def test_validation_split_is_fixed_disjoint_and_balanced(digits_raw=None) -> None:
+    raw = load_raw("digits", None)
+    cfg = DataConfig(val_fraction=0.2, split_seed=0)
+    a, b = make_splits("digits", raw, cfg), make_splits("digits", raw, cfg)
+    assert torch.equal(a.val_ids, b.val_ids)  # same seed, same split
+    assert len(a.train) + len(a.val) == len(raw.train)
+    assert len(set(a.val_ids.tolist())) == len(a.val)
+    counts = torch.bincount(a.val.y, minlength=10)
+    assert counts.max() - counts.min() <= 1
+    c = make_splits("digits", raw, DataConfig(val_fraction=0.2, split_seed=1))
+    assert not torch.equal(a.val_ids, c.val_ids)
+    assert a.fingerprint != c.fingerprint
+
+
+def test_balanced_subset_takes_equal_counts_per_class() -> None:
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = balanced_subset(y, 30, torch.Generator().manual_seed(0))
+    assert torch.bincount(y[idx]).tolist() == [10, 10, 10]
+    assert torch.equal(idx, idx.sort().values)
+
+
+def test_missing_root_names_the_path_and_the_local_way(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=rf"not found at {tmp_path / 'nope'}.*apt-get install dataset-fashion-mnist"):
+        load_raw("fashion_mnist", str(tmp_path / "nope"))
+
+
+def test_empty_dir_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.*is missing"):
+        load_raw("fashion_mnist", str(tmp_path))
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_truncated_idx_file_is_corrupt_data_not_an_index_error(tmp_path: Path) -> None:
+    for f in FMNIST.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    labels = gzip.decompress((FMNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[: len(labels) // 2]))
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        load_raw("fashion_mnist", str(tmp_path))
+
+
+def test_idx_header_is_checked(tmp_path: Path) -> None:
+    p = tmp_path / "x-idx1-ubyte"
+    p.write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x02ab")
+    with pytest.raises(DatasetError, match="bad magic"):
+        read_idx(p)
+    p.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(DatasetError, match="header says 13"):
+        read_idx(p)
+
+
+def test_torchvision_datasets_never_download(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="CIFAR10 not found or corrupt"):
+        load_raw("cifar10", str(tmp_path))

@@ -1,0 +1,133 @@
+"""The pretraining loop: kill -> resume -> identical (T1), divergence (T7)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from benchmark.augment import ViewSpec
+from benchmark.backbones import ConvNet
+from benchmark.config import PretrainConfig
+from benchmark.data import Splits
+from benchmark.pretrain import pretrain
+from tests.conftest import REPO
+
+ARGS = ["--suite", "smoke", "--methods", "byol", "--protocols", "knn", "--datasets", "digits",
+        "--set", "pretrain.epochs=6", "--set", "pretrain.batch_size=32", "--set", "pretrain.deterministic=true",
+        "--set", "data.image_size=16", "--set", "byol.hidden_dim=32", "--no-progress"]
+
+
+def _start(out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(REPO / "run_benchmark.py"), *ARGS, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run_dir(out: Path) -> Path:
+    (d,) = (out / "runs" / "digits" / "byol").iterdir()
+    return d
+
+
+def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if list(path_glob.rglob(pattern)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before {pattern} appeared: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {pattern}")
+
+
+@pytest.mark.parametrize("kill_after", ["epoch0002.pt.sha256", "epoch0003.pt.sha256"])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, kill_after: str) -> None:
+    ref = _start(tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
+    victim = _start(tmp_path / "killed")
+    _wait_for(tmp_path / "killed", kill_after, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (_run_dir(tmp_path / "killed") / "encoder.safetensors").exists()
+    again = _start(tmp_path / "killed")
+    assert again.wait(timeout=300) == 0, again.stdout.read() if again.stdout else ""
+    a = load_file(str(_run_dir(tmp_path / "ref") / "encoder.safetensors"))
+    b = load_file(str(_run_dir(tmp_path / "killed") / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(_run_dir(tmp_path / "ref") / "checkpoints" / "epoch0006.pt", weights_only=True)
+    cb = torch.load(_run_dir(tmp_path / "killed") / "checkpoints" / "epoch0006.pt", weights_only=True)
+    for k, t in ca["model"].items():  # target network and predictor too
+        assert torch.equal(t, cb["model"][k]), k
+    meta = json.loads((_run_dir(tmp_path / "killed") / "pretrain.json").read_text())
+    assert meta["attempts"] == 2
+    rows = (tmp_path / "killed" / "results.csv").read_text()
+    assert ",ok," in rows
+
+
+class NaNAt(nn.Module):
+    """A method whose loss becomes NaN at a given step (T7a)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.backbone = ConvNet(1, (4, 8))
+        self.at, self.calls = at, 0
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        return [ViewSpec(size=image_size)]
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        self.calls += 1
+        out = self.backbone(views[0]).pow(2).mean()
+        return out * float("nan") if self.calls > self.at else out
+
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+
+def test_nan_loss_stops_the_run_as_diverged(digits: Splits, tmp_path: Path) -> None:
+    model = NaNAt(at=5)
+    out = pretrain(model, digits, PretrainConfig(epochs=3, batch_size=64, lr=0.01), 0, tmp_path, torch.device("cpu"), progress=False)
+    assert out.status == "diverged"
+    assert out.diverged_at == 5 and model.calls == 6  # stopped at the first non-finite loss
+    assert out.last_finite_loss is not None and out.last_finite_loss == out.last_finite_loss
+
+
+class Constant(nn.Module):
+    """A collapsed encoder: every image maps to the same vector (T7b)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(16))
+        self.dim = 16
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w.expand(len(x), -1) + 0 * x.mean()
+
+
+class Collapsing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Constant()
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        return [ViewSpec(size=image_size)]
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        return self.backbone(views[0]).sum() * 0
+
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+
+def test_collapsed_encoder_is_flagged(digits: Splits, tmp_path: Path) -> None:
+    out = pretrain(Collapsing(), digits, PretrainConfig(epochs=1, batch_size=64), 0, tmp_path, torch.device("cpu"), progress=False)
+    assert out.status == "collapsed"
+    assert out.history[-1]["std_l2"] < 0.01 and out.history[-1]["rankme"] < 1.5

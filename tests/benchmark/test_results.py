@@ -1,0 +1,47 @@
+"""Aggregation: duplicates, failures, divergence and NaN rows never leak into the leaderboard (T13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.results import Row, leaderboard, rebuild, row_dict, write_record
+
+
+def _rec(out: Path, name: str, method: str, seed: int, value: float, status: str = "ok", finished: str = "2026-01-01T00:00:01",
+         protocol: str = "knn", version: str = "1") -> None:
+    prov = {"run_id": name, "method": method, "protocol": protocol, "protocol_version": version, "dataset": "digits",
+            "seed": seed, "status": status, "finished_at": finished, "suite": "t", "backbone": "convnet", "device": "cpu"}
+    write_record(out / "records" / f"{name}.json", {"status": status, "rows": [row_dict(Row("top1", value), prov)]})
+
+
+def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path) -> None:
+    for seed, v in enumerate([0.80, 0.82, 0.84]):
+        _rec(tmp_path, f"a{seed}", "byol", seed, v)
+    _rec(tmp_path, "old", "byol", 0, 0.10, finished="2025-01-01T00:00:00")  # an older attempt of seed 0
+    _rec(tmp_path, "b0", "simclr", 0, 0.90)
+    _rec(tmp_path, "b1", "simclr", 1, float("nan"), status="failed")
+    _rec(tmp_path, "c0", "mocov2", 0, float("nan"), status="diverged")
+    _rec(tmp_path, "v2", "simclr", 0, 0.5, protocol="knn", version="2")  # never mixed with @1
+    (tmp_path / "records" / ".half.json.123.tmp").write_text('{"rows": [')  # an interrupted write
+    (tmp_path / "records" / "broken.json").write_text('{"rows": [')
+    df, table = rebuild(tmp_path)
+    assert df.duplicated(["method", "protocol", "protocol_version", "dataset", "seed", "split", "metric"]).sum() == 0
+    board = table.set_index("method")
+    assert board.loc["byol", "digits/knn@1/top1"] == "82.00 ± 2.00" and board.loc["byol", "n_seeds"] == 3
+    assert board.loc["simclr", "digits/knn@1/top1"] == "90.00" and board.loc["simclr", "digits/knn@2/top1"] == "50.00"
+    assert "mocov2" not in board.index
+    assert list(table.method) == ["simclr", "byol"]  # ranked by the first column
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert set(zip(fails.method, fails.status)) == {("simclr", "failed"), ("mocov2", "diverged")}
+    # deterministic: a second rebuild writes the same bytes
+    first = (tmp_path / "leaderboard.csv").read_bytes()
+    rebuild(tmp_path)
+    assert (tmp_path / "leaderboard.csv").read_bytes() == first
+
+
+def test_empty_results_give_an_empty_leaderboard(tmp_path: Path) -> None:
+    df, table = rebuild(tmp_path)
+    assert df.empty and list(table.columns) == ["method"]
+    assert leaderboard(df).empty

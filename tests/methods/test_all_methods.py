@@ -1,0 +1,69 @@
+"""Every registered method: one loss step at 16x16 on CPU, finite loss, weights change; losses fall."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from benchmark.config import PretrainConfig
+from benchmark.data import Splits
+from benchmark.pretrain import build_method
+from benchmark.registry import METHODS
+from benchmark.augment import make_views
+from benchmark.runner import _fill_from_data
+
+
+def _build(name: str, data: Splits) -> torch.nn.Module:
+    entry = METHODS.entry(name)
+    cfg = _fill_from_data(entry.config(), data.num_classes)
+    return build_method(entry.obj, cfg, PretrainConfig(backbone="convnet_tiny"), data, seed=0)
+
+
+def _views(model: torch.nn.Module, data: Splits, step: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    x, y = data.train.x[:32], data.train.y[:32]
+    return make_views(x, model.views(16), data.mean, data.std, torch.Generator().manual_seed(step)), y
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_one_step_gives_a_finite_loss_and_changes_the_encoder(name: str, digits: Splits) -> None:
+    model = _build(name, digits)
+    if not getattr(model, "trainable", True):
+        assert model.views(16) == []
+        return
+    before = copy.deepcopy(model.encoder().state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    views, y = _views(model, digits)
+    labels = y if getattr(model, "uses_labels", False) else None
+    loss = model.loss(views, 0.0, labels)
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = model.encoder().state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "random"])
+def test_loss_falls_within_20_steps_on_real_data(name: str, digits: Splits) -> None:
+    torch.manual_seed(0)
+    model = _build(name, digits)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    views, y = _views(model, digits)  # a fixed batch: the loss must go down on it
+    labels = y if getattr(model, "uses_labels", False) else None
+    losses = []
+    for _ in range(20):
+        loss = model.loss(views, 0.0, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+
+
+def test_ssl_methods_never_see_labels(digits: Splits) -> None:
+    for name in METHODS.names():
+        if not getattr(METHODS.get(name), "uses_labels", False):
+            model = _build(name, digits)
+            assert not getattr(model, "uses_labels", False)

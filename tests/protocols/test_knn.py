@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from benchmark.config import PretrainConfig
+from benchmark.data import ImageSet, Splits
+from benchmark.backbones import build_backbone
+from benchmark.encoder import FrozenEncoder
+from protocols.knn import Config, knn, knn_predict, topk_accuracy
+
+
+class Flatten(nn.Module):
+    """Raw pixels as features (a fixed, known encoder)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+def blobs(n_per_class: int = 40, classes: int = 4, seed: int = 0) -> Splits:
+    """Linearly separable 'images': each class lights up its own pixel block."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> ImageSet:
+        y = torch.arange(classes).repeat_interleave(n)
+        x = torch.randint(0, 40, (len(y), 1, 4, 4), generator=g)
+        x.view(len(y), -1)[torch.arange(len(y)), y * 4] += 200
+        return ImageSet(x.to(torch.uint8), y)
+
+    return Splits("blobs", make(n_per_class), make(n_per_class // 4), make(n_per_class // 2), classes,
+                  (0.0,), (1.0,), "blobs", torch.arange(0))
+
+
+def frozen(module: nn.Module, dim: int) -> FrozenEncoder:
+    return FrozenEncoder(module, dim, (0.0,), (1.0,), key="test")
+
+
+def test_knn_predict_hand_case() -> None:
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1])
+    scores = knn_predict(train, y, torch.tensor([[0.1, 1.0]]), k=2, t=1.0, num_classes=2)
+    # neighbours: [0,1] (cos 0.995) and [0.9,0.1] (cos ~0.21): votes e^cos for classes 1 and 0
+    c1 = torch.nn.functional.cosine_similarity(torch.tensor([0.1, 1.0]), torch.tensor([0.0, 1.0]), dim=0).exp()
+    c0 = torch.nn.functional.cosine_similarity(torch.tensor([0.1, 1.0]), torch.tensor([0.9, 0.1]), dim=0).exp()
+    torch.testing.assert_close(scores, torch.stack([c0, c1]).view(1, 2))
+    assert topk_accuracy(scores, torch.tensor([1]), 1) == 1.0
+
+
+def test_separable_blobs_give_top1_of_one() -> None:
+    rows = knn(frozen(Flatten(16), 16), blobs(), Config(), seed=0)
+    assert {r.metric: r.value for r in rows} == {"top1": 1.0}
+    assert rows[0].selection == "fixed k=20 T=0.07"
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_frozen_encoder_is_bit_identical_after_the_protocol(protocol: str, digits: Splits) -> None:
+    from benchmark.registry import PROTOCOLS
+
+    module = build_backbone(PretrainConfig(backbone="convnet_tiny"), 1, 16)
+    module.train()  # a protocol must not update BN statistics even if handed a module in train mode
+    enc = frozen(module, module.dim)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    entry = PROTOCOLS.entry(protocol)
+    cfg = entry.config(grid_points=3) if protocol == "linear" else entry.config()
+    PROTOCOLS.get(protocol)(enc, digits, cfg, 0)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from benchmark.data import Splits
+from protocols.knn import topk_accuracy
+from protocols.linear import Config, c_grid, fit_logistic, linear
+from tests.protocols.test_knn import Flatten, blobs, frozen
+
+
+def test_grid_is_the_45_point_ssl_transfer_grid() -> None:
+    grid = c_grid(Config())
+    assert len(grid) == 45
+    assert math.isclose(grid[0], 1e-5) and math.isclose(grid[-1], 1e6)
+    assert grid == sorted(grid)
+
+
+def test_separable_blobs_give_top1_of_one() -> None:
+    rows = linear(frozen(Flatten(16), 16), blobs(), Config(grid_points=5), seed=0)
+    test = {r.metric: r.value for r in rows if r.split == "test"}
+    assert test == {"top1": 1.0}
+    assert rows[0].selection.startswith("val top1: C=")
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
+def test_agrees_with_scikit_learn_on_real_features(digits: Splits, C: float) -> None:
+    x = digits.train.x.flatten(1).double() / 255
+    xt = digits.test.x.flatten(1).double() / 255
+    y, yt = digits.train.y, digits.test.y
+    W, b = fit_logistic(x, y, 10, C, max_iter=2000, tol=1e-9)
+    ours = topk_accuracy(xt @ W + b, yt, 1)
+    sk = LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit(x.numpy(), y.numpy())
+    theirs = float((sk.predict(xt.numpy()) == yt.numpy()).mean())
+    assert abs(ours - theirs) <= 0.005, (ours, theirs)
+    # same objective, so the same solution up to solver tolerance
+    np.testing.assert_allclose((x @ W + b).softmax(1).numpy(), sk.predict_proba(x.numpy()), atol=2e-3)
+
+
+def test_selection_uses_val_and_reports_it(digits: Splits) -> None:
+    rows = linear(frozen(Flatten(256), 256), digits, Config(grid_points=4), seed=0)
+    val = [r for r in rows if r.split == "val"]
+    test = {r.metric: r for r in rows if r.split == "test"}
+    assert len(val) == 1 and val[0].n_train == len(digits.train)
+    assert test["top1"].n_train == len(digits.train) + len(digits.val)
+    assert test["top1"].value > 0.9 and test["top5"].value >= test["top1"].value

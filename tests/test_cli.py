@@ -1,0 +1,94 @@
+"""The command line as a user meets it: the smoke suite, reruns, --list and bad input (T3, T11, T12, T14)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.results import COLUMNS
+from tests.conftest import run_cli
+
+REQUIRED = ["method", "protocol", "protocol_version", "dataset", "split", "metric", "value", "seed",
+            "config_hash", "git_sha", "device", "wall_s"]
+SMALL = ["--suite", "smoke", "--datasets", "digits", "--set", "data.image_size=16"]
+
+
+def test_list_shows_every_registry() -> None:
+    r = run_cli("--list")
+    assert r.returncode == 0, r.stderr
+    for word in ("methods: byol, random, simclr, supervised", "knn@1", "linear@1", "fashion_mnist", "digits",
+                 "resnet18", "vit_small", "smoke:", "default:"):
+        assert word in r.stdout
+
+
+def test_smoke_suite_writes_tables_with_provenance_and_reruns_as_a_no_op(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run_cli(*SMALL, "--methods", "simclr,random", "--protocols", "knn,linear", "--seeds", "0,1",
+                "--set", "linear.grid_points=3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.columns) == COLUMNS and set(REQUIRED) <= set(df.columns)
+    test = df[df.split == "test"]
+    assert len(test.groupby(["method", "protocol", "seed", "metric"])) == 2 * 2 * 2 * 2  # top1 + top5
+    assert test.value.between(0, 1).all() and (test.status == "ok").all()
+    assert df.git_sha.notna().all() and df.config_hash.str.len().eq(12).all()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert set(board.method) == {"simclr", "random"} and (board.n_seeds == 2).all()
+    assert "digits/knn@1/top1" in board.columns and "±" in board["digits/knn@1/top1"].iloc[0]
+    assert "| method |" in (out / "leaderboard.md").read_text()
+    records = list((out / "records").rglob("*.json"))
+    assert len(records) == 8 and all(json.loads(p.read_text())["status"] == "ok" for p in records)
+    assert list(out.rglob("*.tmp")) == []
+    again = run_cli(*SMALL, "--methods", "simclr,random", "--protocols", "knn,linear", "--seeds", "0,1",
+                    "--set", "linear.grid_points=3", "--out", str(out))
+    assert again.returncode == 0 and "8 of 8 cells already have results" in again.stdout
+    assert "0 cells done, 8 reused" in again.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), df)
+
+
+def test_changed_config_invalidates_its_cells(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(*SMALL, "--out", str(out)).returncode == 0
+    r = run_cli(*SMALL, "--set", "knn.k=5", "--out", str(out))
+    assert r.returncode == 0 and "1 cells done, 0 reused" in r.stdout
+    df = pd.read_csv(out / "results.csv")
+    assert df[df.metric == "top1"].selection.tolist() == ["fixed k=5 T=0.07"]  # the latest config wins
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "simclrr"], "unknown method 'simclrr'; did you mean 'simclr'?"),
+        (["--protocols", "knnn"], "unknown protocol 'knnn'; did you mean 'knn'?"),
+        (["--datasets", "fashion-mnist"], "unknown dataset 'fashion-mnist'; did you mean 'fashion_mnist'?"),
+        (["--suite", "smok"], "unknown suite 'smok'; did you mean 'smoke'?"),
+        (["--set", "pretrain.lr=0"], "pretrain.lr must be a finite number > 0"),
+        (["--set", "pretrain.lr=-1"], "pretrain.lr must be a finite number > 0"),
+        (["--set", "pretrain.batch_size=0"], "pretrain.batch_size must be > 0"),
+        (["--set", "data.val_fraction=1.5"], "data.val_fraction must be in (0, 1)"),
+        (["--set", "knn.kk=3"], "unknown key knn.kk; valid fields of knn: k, temperature"),
+        (["--set", "knnn.k=3"], "unknown config section 'knnn'; did you mean 'knn'?"),
+        (["--seeds", "0,0"], "--seeds must be distinct"),
+        (["--seeds", "a"], "--seeds must be comma-separated integers"),
+        (["--data-root", "/nonexistent/fmnist", "--datasets", "fashion_mnist"],
+         "dataset 'fashion_mnist' not found at /nonexistent/fmnist. Install it with `sudo apt-get install dataset-fashion-mnist`"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    r = run_cli(*SMALL, *args, "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_malformed_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("knn:\n  k: 20\n  temperature: [0.1\n")
+    r = run_cli(*SMALL, "--config", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "malformed YAML in" in r.stderr and "line" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ class ConvNet(nn.Module):
         self.dim = c
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        out: Tensor = self.body(x).mean(dim=(2, 3))
+        return out
 
 
 @register_backbone("convnet")
@@ -87,10 +88,11 @@ class TimmViT(nn.Module):
         self.net = timm.create_model(
             name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch, in_chans=in_channels
         )
-        self.dim = int(self.net.num_features)
+        self.dim = int(getattr(self.net, "num_features"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
 
 @register_backbone("vit_tiny")

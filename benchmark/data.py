@@ -11,9 +11,10 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -246,16 +247,16 @@ register_dataset("digits")(
 )
 
 
-def _torchvision_set(ds: object) -> ImageSet:
-    data = getattr(ds, "data")
+def _torchvision_set(ds: Any) -> ImageSet:
+    data = ds.data
     x = torch.as_tensor(np.asarray(data))
     if x.ndim == 4 and x.shape[-1] in (1, 3):  # CIFAR stores NHWC
         x = x.permute(0, 3, 1, 2)
-    y = torch.as_tensor(np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else getattr(ds, "labels")), dtype=torch.int64)
+    y = torch.as_tensor(np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels), dtype=torch.int64)
     return ImageSet(x.contiguous(), y)
 
 
-def _load_torchvision(cls_name: str, num_classes: int, splits: tuple[dict[str, object], dict[str, object]]) -> Callable[[Path], RawDataset]:
+def _load_torchvision(cls_name: str, num_classes: int, splits: tuple[dict[str, Any], dict[str, Any]]) -> Callable[[Path], RawDataset]:
     def load(root: Path) -> RawDataset:
         import torchvision.datasets as tvd
 
@@ -272,11 +273,12 @@ def _load_torchvision(cls_name: str, num_classes: int, splits: tuple[dict[str, o
 
 
 _TV_HINT = "Nothing is downloaded: copy the official archive, extracted, under --data-root DIR (the layout torchvision expects) or set ${}."
-for _name, _cls, _k, _kw in (
+_TV: list[tuple[str, str, int, tuple[dict[str, Any], dict[str, Any]]]] = [
     ("cifar10", "CIFAR10", 10, ({"train": True}, {"train": False})),
     ("cifar100", "CIFAR100", 100, ({"train": True}, {"train": False})),
     ("stl10", "STL10", 10, ({"split": "train"}, {"split": "test"})),
-):
+]
+for _name, _cls, _k, _kw in _TV:
     register_dataset(_name)(DatasetSpec(_load_torchvision(_cls, _k, _kw), None, _TV_HINT.format(f"SSLBENCH_DATA_{_name.upper()}")))
 
 

@@ -68,7 +68,7 @@ class FrozenEncoder:
         self.module.eval()
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            f = self.module(self.normalise(x))
+            f: Tensor = self.module(self.normalise(x))
         return f.float()
 
     def trainable_copy(self) -> nn.Module:

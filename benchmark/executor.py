@@ -7,15 +7,17 @@ through submitit) implements the same two methods.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-class Job(Protocol[T]):
+class Job(Protocol[T_co]):
     job_id: str
 
-    def result(self) -> T: ...  # raises the task's exception
+    def result(self) -> T_co: ...  # raises the task's exception
 
     def exception(self) -> BaseException | None: ...
 

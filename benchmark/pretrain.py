@@ -14,9 +14,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,6 @@ from benchmark.backbones import build_backbone
 from benchmark.checkpoints import CheckpointDir
 from benchmark.config import PretrainConfig
 from benchmark.data import Splits
-from benchmark.errors import DivergedError
 from benchmark.monitors import is_collapsed, rankme, std_of_l2_normalized
 from benchmark.optim import base_lr, build_optimizer, lr_at
 
@@ -93,10 +93,11 @@ def pretrain(
     non-finite loss ends the run with status `diverged`.
     """
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
+    method = cast(Method, model)
     model.to(device)
     if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    specs = model.views(splits.image_size)
+        model.to(memory_format=torch.channels_last)
+    specs = method.views(splits.image_size)
     uses_labels = bool(getattr(model, "uses_labels", False))
     n = len(splits.train)
     steps_per_epoch = max(1, n // cfg.batch_size)
@@ -133,21 +134,21 @@ def pretrain(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, base_lr(cfg))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = model.loss(views, step / max(1, total), labels)
+                loss = method.loss(views, step / max(1, total), labels)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bar.close()
                 log.error("diverged at step %d (last finite loss %s)", step, last_finite)
-                return PretrainOutcome("diverged", model.encoder(), history, step, last_finite, step)
+                return PretrainOutcome("diverged", method.encoder(), history, step, last_finite, step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             last_finite = value
             running += value
             step += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", refresh=False)
-        stats = collapse_stats(model.encoder(), splits, device)
+        stats = collapse_stats(method.encoder(), splits, device)
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
         log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -157,7 +158,7 @@ def pretrain(
                 state["rng_cuda"] = torch.cuda.get_rng_state()
             ckpts.save(state, epoch + 1)
     bar.close()
-    final = history[-1] if history else collapse_stats(model.encoder(), splits, device)
-    dim = int(getattr(model.encoder(), "dim", 1))
+    final = history[-1] if history else collapse_stats(method.encoder(), splits, device)
+    dim = int(getattr(method.encoder(), "dim", 1))
     status = "collapsed" if is_collapsed(final["std_l2"], final["rankme"], dim) and cfg.epochs > 0 else "ok"
-    return PretrainOutcome(status, model.encoder(), history, None, last_finite, step)
+    return PretrainOutcome(status, method.encoder(), history, None, last_finite, step)

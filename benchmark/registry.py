@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from benchmark.errors import ConfigError
 
@@ -42,6 +43,13 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def default_config(self, name: str) -> Any:
+        """A fresh instance of the config dataclass registered with `name`."""
+        cfg = self.entry(name).config
+        if cfg is None:
+            raise TypeError(f"{self.kind} {name!r} has no config class")
+        return cfg()
 
     def entry(self, name: str) -> Entry[T]:
         if name not in self._entries:

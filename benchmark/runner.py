@@ -125,7 +125,7 @@ def plan(req: Request) -> Plan:
     eval_cfg = C.apply_overrides(C.EvalConfig(), ov.get("eval", {}), "eval")
     for name in set(ov) & set(METHODS.names()) | set(ov) & set(PROTOCOLS.names()):  # typos fail even off-grid
         reg = METHODS if name in METHODS else PROTOCOLS
-        C.apply_overrides(reg.entry(name).config(), ov[name], name)
+        C.apply_overrides(reg.default_config(name), ov[name], name)
     out = Path(req.out)
     pre_tasks, eval_tasks = [], []
     for dataset in req.datasets:
@@ -133,7 +133,7 @@ def plan(req: Request) -> Plan:
         for method in req.methods:
             entry = METHODS.entry(method)
             pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {})}, "pretrain")
-            m_cfg = _fill_from_data(C.apply_overrides(entry.config(), ov.get(method, {}), method), splits.num_classes)
+            m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes)
             for seed in req.seeds:
                 ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,
                                     "dataset": dataset, "fingerprint": splits.fingerprint, "seed": seed})
@@ -143,7 +143,7 @@ def plan(req: Request) -> Plan:
                 for protocol in req.protocols:
                     pentry = PROTOCOLS.entry(protocol)
                     version = str(pentry.meta.get("version", "1"))
-                    p_cfg = _fill_from_data(C.apply_overrides(pentry.config(), ov.get(protocol, {}), protocol), splits.num_classes)
+                    p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), ov.get(protocol, {}), protocol), splits.num_classes)
                     ch = C.config_hash({"pretrain_hash": ph, "protocol": protocol, "version": version, "cfg": p_cfg})
                     rec = out / "records" / dataset / method / f"{protocol}@{version}" / f"seed{seed}-{ch}.json"
                     eval_tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec)))
@@ -215,7 +215,7 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
     digest = verify(path)
     module = build_backbone(task.pretrain, splits.channels, splits.image_size)
     module.load_state_dict(load_file(str(path)), strict=True)
-    return FrozenEncoder(module, int(module.dim), splits.mean, splits.std, key=digest[:16], device=device,
+    return FrozenEncoder(module, int(getattr(module, "dim")), splits.mean, splits.std, key=digest[:16], device=device,
                          cache_dir=Path(task.run_dir) / "features" if eval_cfg.cache else None, batch_size=eval_cfg.batch_size)
 
 
@@ -309,14 +309,14 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
     needed = {t.pretrain.run_dir for t in todo}
     pre_errors: dict[str, BaseException] = {}
     pre_jobs = [t for t in p.pretrain if t.run_dir in needed]
-    for i, task in enumerate(pre_jobs, 1):
-        if force and Path(task.run_dir).exists():
-            shutil.rmtree(task.run_dir)
-        echo(f"[{i}/{len(pre_jobs)}] pretrain {task.label} ({task.pretrain.backbone}, {task.pretrain.epochs} epochs)")
-        job = executor.submit(run_pretrain, task)
+    for i, pt in enumerate(pre_jobs, 1):
+        if force and Path(pt.run_dir).exists():
+            shutil.rmtree(pt.run_dir)
+        echo(f"[{i}/{len(pre_jobs)}] pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)")
+        job = executor.submit(run_pretrain, pt)
         err = job.exception()
         if err is not None:
-            pre_errors[task.run_dir] = err
+            pre_errors[pt.run_dir] = err
             echo(f"    failed: {type(err).__name__}: {err}")
         else:
             meta = job.result()

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor, nn
 
+from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
 from benchmark.data import ImageSet, Splits
-from benchmark.backbones import build_backbone
 from benchmark.encoder import FrozenEncoder
 from protocols.knn import Config, knn, knn_predict, topk_accuracy
 
@@ -65,8 +67,8 @@ def test_frozen_encoder_is_bit_identical_after_the_protocol(protocol: str, digit
     module.train()  # a protocol must not update BN statistics even if handed a module in train mode
     enc = frozen(module, module.dim)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    entry = PROTOCOLS.entry(protocol)
-    cfg = entry.config(grid_points=3) if protocol == "linear" else entry.config()
+    cfg = PROTOCOLS.default_config(protocol)
+    cfg = dataclasses.replace(cfg, grid_points=3) if protocol == "linear" else cfg
     PROTOCOLS.get(protocol)(enc, digits, cfg, 0)
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,96 @@
+"""The grid runner: failures stay in their cell (T10), divergence ends in a status (T7), OOM back-off (T8)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor, nn
+
+from benchmark.data import ImageSet
+from benchmark.encoder import FrozenEncoder, extract_features
+from benchmark.executor import LocalExecutor
+from benchmark.registry import PROTOCOLS
+from benchmark.runner import Request, plan, run
+from tests.conftest import run_cli
+
+TINY = {"data": {"image_size": 16}, "pretrain": {"backbone": "convnet_tiny", "epochs": 1, "batch_size": 64},
+        "linear": {"grid_points": 2}, "simclr": {"proj_hidden_dim": 32, "proj_dim": 16}}
+
+
+def _request(out: Path, **kw: Any) -> Request:
+    base = dict(methods=("random", "simclr"), protocols=("knn", "linear"), datasets=("digits",), seeds=(0,),
+                overrides=TINY, out=str(out), suite="test", progress=False)
+    return Request(**{**base, **kw})
+
+
+def test_a_failing_cell_is_recorded_and_its_neighbours_survive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> list[object]:
+        raise ValueError("bad protocol argument")
+
+    entry = PROTOCOLS.entry("linear")
+    monkeypatch.setitem(PROTOCOLS._entries, "linear", dataclasses.replace(entry, obj=boom))
+    summary = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert summary.done == 2 and len(summary.failed) == 2
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert set(fails.protocol) == {"linear"} and fails["flags"].str.contains("ValueError: bad protocol argument").all()
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert "digits/knn@1/top1" in board.columns and not any("linear" in c for c in board.columns)
+    monkeypatch.undo()  # fixed: the rerun runs only the failed cells and clears the failure
+    again = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert again.skipped == 2 and again.done == 2 and not again.failed
+    assert not (tmp_path / "failures.csv").exists()
+    assert "digits/linear@1/top1" in pd.read_csv(tmp_path / "leaderboard.csv").columns
+
+
+def test_divergence_is_a_status_without_metrics(tmp_path: Path) -> None:
+    r = run_cli("--suite", "smoke", "--datasets", "digits", "--set", "data.image_size=16", "--set", "pretrain.optimizer=sgd",
+                "--set", "pretrain.lr=1e30", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "diverged (no metrics): simclr/digits/seed0 knn@1" in r.stdout
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert df.status.tolist() == ["diverged"] and df.value.isna().all()
+    assert pd.read_csv(tmp_path / "failures.csv").status.tolist() == ["diverged"]
+    assert "simclr" not in pd.read_csv(tmp_path / "leaderboard.csv").get("method", pd.Series(dtype=str)).tolist()
+
+
+class OOMAbove(nn.Module):
+    """Raises CUDA-style OOM for batches larger than `limit` (T8)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.calls, self.dim = limit, 0, 16
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return self.lin(x.flatten(1))
+
+
+def test_feature_extraction_halves_the_batch_on_oom() -> None:
+    images = ImageSet(torch.randint(0, 255, (200, 1, 4, 4), dtype=torch.uint8), torch.zeros(200, dtype=torch.long))
+    enc = FrozenEncoder(OOMAbove(32), 16, (0.5,), (0.25,), key="oom", batch_size=256)
+    feats = extract_features(enc, images)
+    assert enc.effective_batch_size == 32
+    ref = FrozenEncoder(enc.module, 16, (0.5,), (0.25,), key="ref", batch_size=32)
+    torch.testing.assert_close(feats, extract_features(ref, images))
+    with pytest.raises(RuntimeError, match="OOM at feature-extraction batch 1"):
+        extract_features(FrozenEncoder(OOMAbove(0), 16, (0.5,), (0.25,), key="x"), images)
+
+
+def test_non_oom_errors_are_not_retried() -> None:
+    class Broken(OOMAbove):
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            raise RuntimeError("shape mismatch")
+
+    m = Broken(0)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        extract_features(FrozenEncoder(m, 16, (0.5,), (0.25,), key="b"), ImageSet(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)))
+    assert m.calls == 1

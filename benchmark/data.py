@@ -283,22 +283,32 @@ for _name, _cls, _k, _kw in _TV:
 
 
 def _load_imagefolder(root: Path) -> RawDataset:
-    """`root/train/<class>/*.jpg` and `root/val/<class>/*` (or `test/`), resized to 64 px."""
+    """`root/train/<class>/*.jpg` and `root/val/<class>/*` (or `test/`), resized to 64 px.
+
+    Class indices come from the train folder's sorted class names, so a test folder that lacks a
+    class still maps every other class to the same index.
+    """
     import torchvision.datasets as tvd
     import torchvision.transforms.v2 as T
 
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DatasetError(f"imagefolder root {root} must hold train/<class>/ and val/<class>/ (or test/<class>/)")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    extra = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
+    if extra:
+        raise DatasetError(f"{test_dir} has classes that train/ lacks: {', '.join(extra[:5])}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
     tf = T.Compose([T.PILToTensor(), T.Resize(72, antialias=True), T.CenterCrop(64)])
     sets = []
     for d in (root / "train", test_dir):
-        ds = tvd.ImageFolder(str(d), transform=tf)
-        x = torch.stack([ds[i][0][:3] if ds[i][0].shape[0] >= 3 else ds[i][0].expand(3, -1, -1) for i in range(len(ds))])
-        sets.append(ImageSet(x, torch.tensor(ds.targets, dtype=torch.int64)))
-    classes = len(tvd.ImageFolder(str(root / "train")).classes)
+        samples = tvd.folder.make_dataset(str(d), class_to_idx, extensions=tvd.folder.IMG_EXTENSIONS, allow_empty=True)
+        if not samples:
+            raise DatasetError(f"no images found under {d}/<class>/")
+        imgs = [tf(tvd.folder.default_loader(path).convert("RGB")) for path, _ in samples]
+        sets.append(ImageSet(torch.stack(imgs), torch.tensor([t for _, t in samples], dtype=torch.int64)))
     src = hashlib.sha256(sets[0].x[:64].numpy().tobytes()).hexdigest()[:16] + f"-{len(sets[0])}-{len(sets[1])}"
-    return RawDataset(sets[0], sets[1], classes, src)
+    return RawDataset(sets[0], sets[1], len(classes), src)
 
 
 register_dataset("imagefolder")(

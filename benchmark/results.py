@@ -128,7 +128,8 @@ def rebuild(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6g"))
     table = leaderboard(df)
     atomic_write_text(out / "leaderboard.csv", table.to_csv(index=False))
-    atomic_write_text(out / "leaderboard.md", to_markdown(table, "sslbench leaderboard"))
+    made_by = ", ".join(f"{c} {'/'.join(sorted(set(','.join(table[c]).split(','))))}" for c in ("suite", "backbone", "device") if c in table)
+    atomic_write_text(out / "leaderboard.md", to_markdown(table, f"sslbench leaderboard ({made_by})" if made_by else "sslbench leaderboard"))
     fails = failures(df) if not df.empty else pd.DataFrame()
     if not fails.empty:
         atomic_write_text(out / "failures.csv", fails.to_csv(index=False))

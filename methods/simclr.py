@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec
 from benchmark.config import check
+from benchmark.distributed import gather_with_grad, rank
 from benchmark.heads import mlp
 from benchmark.registry import register_method
 
@@ -35,14 +36,23 @@ class Config:
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """Normalised-temperature cross entropy over 2N views (paper eq. 1, averaged over all 2N anchors).
 
-    z1, z2: (N, D) projections of the two views; row i of z1 and row i of z2 are positives, the
-    other 2N - 2 rows are negatives.
+    z1, z2: (B, D) projections of the two views; row i of z1 and row i of z2 are positives, the
+    other 2N - 2 rows are negatives. Under torch.distributed, the candidates are gathered from every
+    process (N = world size x B) with gradients, and the anchors are this process's rows: the mean
+    over processes equals the single-process loss on the global batch.
     """
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
-    sim = (z @ z.T).float() / temperature  # (2N, 2N)
-    sim.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    b = z1.shape[0]
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    g1, g2 = gather_with_grad(z1), gather_with_grad(z2)  # (N, D) each
+    n = g1.shape[0]
+    cand = torch.cat([g1, g2])  # (2N, D)
+    anchors = torch.cat([z1, z2])  # (2B, D)
+    sim = (anchors @ cand.T).float() / temperature  # (2B, 2N)
+    own = torch.arange(b, device=z1.device) + rank() * b  # global row of each local anchor
+    idx = torch.arange(2 * b, device=z1.device)
+    self_col = torch.cat([own, own + n])
+    sim[idx, self_col] = float("-inf")  # an anchor is not its own negative
+    targets = torch.cat([own + n, own])
     return F.cross_entropy(sim, targets)
 
 

@@ -1,7 +1,10 @@
 """SimCLR: Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations",
 https://arxiv.org/abs/2002.05709; official code https://github.com/google-research/simclr.
+SimCLR v2: Chen et al. 2020, "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+https://arxiv.org/abs/2006.10029; same repository (tf2/).
 
-Two augmented views per image, a 2-layer MLP projector, NT-Xent over the 2N views of the batch.
+Two augmented views per image, an MLP projector, NT-Xent over the 2N views of the batch. v2 differs in
+its 3-layer projector (`num_proj_layers=3`) and the temperature used at scale (0.1).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from benchmark.registry import register_method
 class Config:
     proj_hidden_dim: int = 2048  # projector width (paper: the ResNet-50 feature width, 2048)
     proj_dim: int = 128  # output of the projector, where the loss is computed
+    proj_layers: int = 2  # Linear layers in the projector: 2 in v1, 3 in v2
     temperature: float = 0.5  # 0.5 for CIFAR-10 (paper, appendix B.9); 0.1 for ImageNet at batch 4096
     jitter_strength: float = 0.5  # colour-jitter strength s (0.5 on CIFAR-10, 1.0 on ImageNet)
     blur: bool = False  # Gaussian blur is used on ImageNet, not on CIFAR-10 (appendix B.9)
@@ -31,6 +35,7 @@ class Config:
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"simclr.temperature must be > 0, got {self.temperature}")
         check(self.proj_dim > 0 and self.proj_hidden_dim > 0, "simclr projector sizes must be > 0")
+        check(self.proj_layers >= 1, f"simclr.proj_layers must be >= 1, got {self.proj_layers}")
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -62,7 +67,7 @@ class SimCLR(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.projector = mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim)  # type: ignore[arg-type]
+        self.projector = mlp(backbone.dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers)  # type: ignore[arg-type]
 
     def views(self, image_size: int) -> list[ViewSpec]:
         s = self.cfg.jitter_strength
@@ -76,3 +81,21 @@ class SimCLR(nn.Module):
 
     def encoder(self) -> nn.Module:
         return self.backbone
+
+
+@dataclass(frozen=True)
+class ConfigV2(Config):
+    proj_layers: int = 3  # v2: deeper projection head (paper sec. 2, `num_proj_layers=3`)
+    temperature: float = 0.1  # v2 ImageNet setting (README: `--temperature=0.1`)
+    blur: bool = True  # v2 uses ImageNet augmentations, blur included
+
+
+# The same LARS recipe as v1 (v2 README: lr 0.3 x batch/256 for batch 4096 with sqrt scaling ignored here).
+@register_method("simclrv2", config=ConfigV2, pretrain=dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10))
+class SimCLRv2(SimCLR):
+    """SimCLR with the v2 head. Frozen protocols read the backbone, as v2's linear evaluation does; fine-tuning
+    from the first projector layer (v2's semi-supervised recipe) is `finetune_module()`."""
+
+    def finetune_module(self) -> nn.Module:
+        """Backbone followed by the first projector block (Linear-BN-ReLU), v2's fine-tuning start."""
+        return nn.Sequential(self.backbone, *list(self.projector)[:3])

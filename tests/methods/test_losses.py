@@ -83,3 +83,15 @@ def test_nt_xent_in_two_processes_equals_one_process_on_the_global_batch() -> No
     # DDP averages gradients over the 2 processes: each process's input gradient / 2 is the reference's
     torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / 2, r1.grad)
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / 2, r2.grad)
+
+
+def test_simclrv2_has_a_three_layer_head_and_a_finetune_start() -> None:
+    from benchmark.backbones import ConvNet
+    from methods.simclr import ConfigV2, SimCLRv2
+
+    model = SimCLRv2(ConvNet(1, (4, 8)), ConfigV2(proj_hidden_dim=16, proj_dim=8))
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(16, 8), (16, 16), (8, 16)]
+    ft = model.finetune_module().eval()
+    assert ft(torch.randn(3, 1, 8, 8)).shape == (3, 16)
+    assert ft[0] is model.backbone

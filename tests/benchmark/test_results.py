@@ -45,3 +45,29 @@ def test_empty_results_give_an_empty_leaderboard(tmp_path: Path) -> None:
     df, table = rebuild(tmp_path)
     assert df.empty and list(table.columns) == ["method"]
     assert leaderboard(df).empty
+
+
+def _writer(out: str, worker: int, n: int) -> None:
+    for i in range(n):
+        _rec(Path(out), f"w{worker}-{i}", f"m{worker}", i, 0.5 + 0.01 * i)
+
+
+def test_concurrent_writers_and_a_looping_aggregator_lose_nothing(tmp_path: Path) -> None:
+    """T3(c): 8 processes write records while the tables are rebuilt over and over."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 5)) for w in range(8)]
+    for p in procs:
+        p.start()
+    rebuilds = 0
+    while any(p.is_alive() for p in procs) or rebuilds == 0:
+        df, _ = rebuild(tmp_path)  # must never crash on files being written
+        pd.read_csv(tmp_path / "results.csv")
+        rebuilds += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    df, table = rebuild(tmp_path)
+    assert len(df) == 40 and not list(tmp_path.rglob("*.tmp"))
+    assert set(table.method) == {f"m{w}" for w in range(8)} and (table.n_seeds == 5).all()

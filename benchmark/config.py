@@ -187,7 +187,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], path: str) -> Any:
 
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`["knn.k=20", "pretrain.lr=0.1"]` -> `{"knn": {"k": 20}, "pretrain": {"lr": 0.1}}`."""
+    """`["data.image_size=32", "pretrain.lr=0.1"]` -> `{"data": {"image_size": 32}, "pretrain": {"lr": 0.1}}`."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")

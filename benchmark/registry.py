@@ -32,7 +32,7 @@ class Registry(Generic[T]):
     def register(
         self, name: str, config: type | None = None, **meta: Any
     ) -> Callable[[T], T]:
-        """Decorator: `@REG.register("byol", config=Config)`."""
+        """Decorator: `@REG.register("my_method", config=Config)`."""
         if name != name.lower() or not name.replace("_", "").isalnum():
             raise ValueError(f"{self.kind} name {name!r} must be lowercase letters, digits and '_'")
 

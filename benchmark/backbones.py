@@ -86,7 +86,8 @@ class TimmViT(nn.Module):
             raise ImportError("ViT backbones need timm: `pip install timm`") from None
         patch = 4 if small_stem else 16  # 4 px patches for 32 px images (as MoCo v3's CIFAR runs)
         self.net = timm.create_model(
-            name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch, in_chans=in_channels
+            name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch, in_chans=in_channels,
+            dynamic_img_size=True,  # multi-crop: local crops are smaller than the global size
         )
         self.dim = int(getattr(self.net, "num_features"))
 

@@ -26,6 +26,8 @@ class Suite:
 
 def _load(path: Path) -> None:
     for name, spec in yaml.safe_load(path.read_text()).items():
+        if name.startswith("_"):  # shared blocks referenced by anchors
+            continue
         try:
             suite = Suite(
                 name=name,

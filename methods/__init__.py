@@ -1,6 +1,14 @@
 """Method plugins: one import per plugin, sorted. Importing registers them."""
 
+from methods import barlow_twins as barlow_twins
 from methods import byol as byol
+from methods import dino as dino
+from methods import directpred as directpred
+from methods import mocov2 as mocov2
+from methods import mocov3 as mocov3
 from methods import random as random
 from methods import simclr as simclr
+from methods import simsiam as simsiam
 from methods import supervised as supervised
+from methods import swav as swav
+from methods import vicreg as vicreg

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmark.suites  # noqa: F401  (registers the named suites)
 import methods  # noqa: F401
 import protocols  # noqa: F401
 from benchmark.config import DataConfig, PretrainConfig

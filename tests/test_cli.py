@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from benchmark.registry import METHODS, PROTOCOLS
 from benchmark.results import COLUMNS
 from tests.conftest import run_cli
 
@@ -19,8 +20,10 @@ SMALL = ["--suite", "smoke", "--datasets", "digits", "--set", "data.image_size=1
 def test_list_shows_every_registry() -> None:
     r = run_cli("--list")
     assert r.returncode == 0, r.stderr
-    for word in ("methods: byol, random, simclr, supervised", "knn@1", "linear@1", "fashion_mnist", "digits",
-                 "resnet18", "vit_small", "smoke:", "default:"):
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line and not line.startswith("  "))
+    assert lines["methods"].split(", ") == METHODS.names()
+    assert lines["protocols"].split(", ") == [f"{n}@{PROTOCOLS.entry(n).meta['version']}" for n in PROTOCOLS.names()]
+    for word in ("fashion_mnist", "digits", "resnet18", "vit_small", "smoke:", "default:", "gpu:"):
         assert word in r.stdout
 
 

@@ -8,17 +8,26 @@ import pytest
 import torch
 
 from benchmark.augment import make_views
-from benchmark.config import PretrainConfig
+from benchmark.config import PretrainConfig, apply_overrides
 from benchmark.data import Splits
 from benchmark.pretrain import build_method
-from benchmark.registry import METHODS
+from benchmark.registry import METHODS, SUITES
 from benchmark.runner import _fill_from_data
+
+# On a fixed batch these losses need not fall, by design; each method's own test file checks that its
+# loss falls in a setting where it must (queue reset per step, centre held, ...).
+NOT_ON_A_FIXED_BATCH = {
+    "mocov2": "the queue fills with copies of the batch's own keys (test_mocov2 resets the queue)",
+    "swav": "codes settle at ln K on one small batch (test_swav uses K=10)",
+    "dino": "the moving centre raises the teacher entropy term (test_dino holds the centre)",
+}
 
 
 def _build(name: str, data: Splits) -> torch.nn.Module:
-    entry = METHODS.entry(name)
-    cfg = _fill_from_data(entry.config(), data.num_classes)
-    return build_method(entry.obj, cfg, PretrainConfig(backbone="convnet_tiny"), data, seed=0)
+    """The method at the smoke suite's scale (tiny heads), as `--suite smoke` runs it."""
+    smoke = SUITES.get("smoke").overrides.get(name, {})
+    cfg = _fill_from_data(apply_overrides(METHODS.default_config(name), smoke, name), data.num_classes)
+    return build_method(METHODS.get(name), cfg, PretrainConfig(backbone="convnet_tiny"), data, seed=0)
 
 
 def _views(model: torch.nn.Module, data: Splits, step: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -47,6 +56,8 @@ def test_one_step_gives_a_finite_loss_and_changes_the_encoder(name: str, digits:
 
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "random"])
 def test_loss_falls_within_20_steps_on_real_data(name: str, digits: Splits) -> None:
+    if name in NOT_ON_A_FIXED_BATCH:
+        pytest.skip(NOT_ON_A_FIXED_BATCH[name])
     torch.manual_seed(0)
     model = _build(name, digits)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
@@ -67,3 +78,10 @@ def test_ssl_methods_never_see_labels(digits: Splits) -> None:
         if not getattr(METHODS.get(name), "uses_labels", False):
             model = _build(name, digits)
             assert not getattr(model, "uses_labels", False)
+
+
+def test_every_method_has_tiny_and_cpu_scale_settings() -> None:
+    """The smoke and default suites size every method's heads for CPU runs (baselines have no heads)."""
+    for suite in ("smoke", "default"):
+        missing = [n for n in METHODS.names() if n not in SUITES.get(suite).overrides and n not in ("random", "supervised")]
+        assert not missing, (suite, missing)

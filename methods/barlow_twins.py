@@ -1,0 +1,100 @@
+"""Barlow Twins: Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
+https://arxiv.org/abs/2103.03230; official code https://github.com/facebookresearch/barlowtwins.
+
+Two views go through the same backbone and projector; the cross-correlation matrix of the two
+batch-standardised embeddings is pushed towards the identity: diagonal 1 (invariance), off-diagonal
+0 (redundancy reduction). No negatives, no predictor, no momentum encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.augment import ViewSpec
+from benchmark.config import check
+from benchmark.distributed import gather_with_grad
+from benchmark.registry import register_method
+
+
+@dataclass(frozen=True)
+class Config:
+    proj_dims: tuple[int, ...] = (8192, 8192, 8192)  # projector widths; the last is D of the D x D matrix (`--projector 8192-8192-8192`)
+    lambd: float = 0.0051  # off-diagonal weight (code `--lambd 0.0051`; paper sec. 2 says 5e-3)
+    min_scale: float = 0.08  # smallest random-resized-crop area (torchvision default, as the code)
+
+    def __post_init__(self) -> None:
+        check(len(self.proj_dims) >= 1 and all(d > 0 for d in self.proj_dims),
+              f"barlow_twins.proj_dims must be one or more positive widths, got {self.proj_dims}")
+        check(self.lambd >= 0, f"barlow_twins.lambd must be >= 0, got {self.lambd}")
+        check(0 < self.min_scale <= 1, f"barlow_twins.min_scale must be in (0, 1], got {self.min_scale}")
+
+
+def projector(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
+    """Linear-BN-ReLU for every width but the last, then a bias-free Linear (official `main.py`)."""
+    mods: list[nn.Module] = []
+    d = in_dim
+    for h in dims[:-1]:
+        mods += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+        d = h
+    mods.append(nn.Linear(d, dims[-1], bias=False))
+    return nn.Sequential(*mods)
+
+
+def _standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """(z - mean) / sqrt(var + eps) along the batch: `nn.BatchNorm1d(D, affine=False)` in training mode."""
+    mean = z.mean(dim=0, keepdim=True)
+    var = z.var(dim=0, unbiased=False, keepdim=True)  # BN normalises with the biased variance
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
+    """Redundancy-reduction loss (paper eq. 1 and 2).
+
+    C_ij = sum_b zn1_bi zn2_bj / N, with zn the embeddings standardised per dimension over the batch;
+    L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2.
+
+    Args:
+        z1, z2: (B, D) projector outputs of the two views; row b of each comes from the same image.
+        lambd: weight of the off-diagonal (redundancy-reduction) term.
+
+    Returns:
+        The scalar loss of the global batch. Under torch.distributed, z1 and z2 are gathered from every
+        process (N = world size x B) with gradients, so every process returns the same global loss and
+        the DDP-averaged parameter gradient equals one process's gradient on the global batch (the
+        official code all-reduces C and uses SyncBatchNorm instead: the same forward pass).
+    """
+    g1, g2 = gather_with_grad(z1.float()), gather_with_grad(z2.float())  # (N, D) each
+    n = g1.shape[0]
+    c = _standardise(g1).T @ _standardise(g2) / n  # (D, D)
+    diag = torch.diagonal(c)
+    on_diag = (1 - diag).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+# Code: LARS, lr 0.2 x batch/256 for weights and 0.0048 x batch/256 for biases and BN parameters
+# (`--learning-rate-biases`; the shared loop has one lr, so those use 0.2 here), weight decay 1.5e-6,
+# 10 warm-up epochs, batch 2048, 1000 epochs.
+@register_method("barlow_twins", config=Config, pretrain=dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10))
+class BarlowTwins(nn.Module):
+    def __init__(self, backbone: nn.Module, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.projector = projector(backbone.dim, cfg.proj_dims)  # type: ignore[arg-type]
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        # BYOL's asymmetric pair (code `Transform`): blur 1.0 / 0.1, solarisation 0.0 / 0.2.
+        v = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
+        return [ViewSpec(**{**v.__dict__, "blur_p": 1.0}), ViewSpec(**{**v.__dict__, "blur_p": 0.1, "solarize_p": 0.2})]
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        """views: two (B, C, H, W) crops; progress is unused (Barlow Twins has no schedule)."""
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        return barlow_twins_loss(z1, z2, self.cfg.lambd)
+
+    def encoder(self) -> nn.Module:
+        return self.backbone

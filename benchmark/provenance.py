@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+CODE = ["benchmark", "methods", "protocols", "run_benchmark.py", "pyproject.toml"]
 
 
 @functools.cache
 def git_info() -> tuple[str, bool]:
-    """(commit sha or 'unknown', whether tracked files differ from it)."""
+    """(commit sha or 'unknown', whether the code differs from it, untracked files included)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        # dirty: any change to the code, new plugin files included; generated results do not count
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
     if sha.returncode != 0:

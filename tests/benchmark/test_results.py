@@ -71,3 +71,29 @@ def test_concurrent_writers_and_a_looping_aggregator_lose_nothing(tmp_path: Path
     df, table = rebuild(tmp_path)
     assert len(df) == 40 and not list(tmp_path.rglob("*.tmp"))
     assert set(table.method) == {f"m{w}" for w in range(8)} and (table.n_seeds == 5).all()
+
+
+def test_git_dirty_flags_new_plugin_files_but_not_generated_results(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from benchmark import provenance
+
+    repo = tmp_path / "repo"
+    (repo / "methods").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "methods" / "a.py").write_text("x = 1\n")
+    (repo / "results" / "leaderboard.csv").write_text("a\n")
+    run = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    run("add", ".")
+    run("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setattr(provenance, "REPO", repo)
+    provenance.git_info.cache_clear()
+    assert provenance.git_info()[1] is False
+    (repo / "results" / "leaderboard.csv").write_text("b\n")  # a generated table changed: still clean
+    provenance.git_info.cache_clear()
+    assert provenance.git_info()[1] is False
+    (repo / "methods" / "new.py").write_text("y = 2\n")  # an uncommitted plugin: dirty
+    provenance.git_info.cache_clear()
+    assert provenance.git_info()[1] is True
+    provenance.git_info.cache_clear()

@@ -8,7 +8,6 @@ other view; the target is an exponential moving average of the online network.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from benchmark.augment import ViewSpec
 from benchmark.config import check
 from benchmark.heads import mlp
 from benchmark.registry import register_method
+from benchmark.schedules import momentum_at
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,6 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """2 - 2 cos(p, z), averaged over the batch (paper eq. 2). p: (N, D) prediction, z: (N, D) target."""
     return 2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
 
-
-def momentum_at(base: float, progress: float) -> float:
-    """tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 (paper sec. 3.2)."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 # Paper: LARS, lr 0.2 x batch/256, weight decay 1.5e-6, 10 warm-up epochs.

@@ -12,7 +12,6 @@ Defaults follow the official code (main_dino.py), differences from the paper not
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from benchmark.augment import ViewSpec
 from benchmark.config import check
 from benchmark.distributed import all_reduce_mean
 from benchmark.registry import register_method
+from benchmark.schedules import momentum_at
 
 N_GLOBAL = 2  # global crops, the only ones the teacher sees (official DataAugmentationDINO)
 
@@ -102,10 +102,6 @@ def update_center(center: Tensor, teacher_out: Tensor, m: float) -> None:
     batch_center = all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
     center.mul_(m).add_(batch_center, alpha=1 - m)
 
-
-def momentum_at(base: float, progress: float) -> float:
-    """Teacher EMA lambda = 1 - (1 - base) (cos(pi p) + 1) / 2 (official `cosine_scheduler(base, 1)`)."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def teacher_temp_at(cfg: Config, progress: float) -> float:

@@ -22,7 +22,8 @@ from benchmark.config import check
 from benchmark.distributed import all_reduce_mean
 from benchmark.heads import mlp
 from benchmark.registry import register_method
-from methods.byol import byol_loss, momentum_at
+from benchmark.schedules import momentum_at
+from methods.byol import byol_loss
 
 
 @dataclass(frozen=True)

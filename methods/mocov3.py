@@ -11,7 +11,6 @@ ViT optimiser (AdamW, lr 1.5e-4, weight decay 0.1, 40 warm-up epochs) via `pretr
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from benchmark.config import check
 from benchmark.distributed import gather, rank
 from benchmark.heads import mlp
 from benchmark.registry import register_method
+from benchmark.schedules import momentum_at
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ def ctr(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     labels = torch.arange(b, device=q.device) + rank() * b
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
-
-def momentum_at(base: float, progress: float) -> float:
-    """m = 1 - (1 - m0) (cos(pi * progress) + 1) / 2 (official `adjust_moco_momentum`)."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def _head(layers: int, in_dim: int, hidden_dim: int, out_dim: int, bn_last: bool) -> nn.Sequential:

@@ -13,6 +13,7 @@ from benchmark.data import Splits
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS, SUITES
 from benchmark.runner import _fill_from_data
+from tests.methods.steps import assert_loss_falls
 
 # On a fixed batch these losses need not fall, by design; each method's own test file checks that its
 # loss falls in a setting where it must (queue reset per step, centre held, ...).
@@ -60,17 +61,8 @@ def test_loss_falls_within_20_steps_on_real_data(name: str, digits: Splits) -> N
         pytest.skip(NOT_ON_A_FIXED_BATCH[name])
     torch.manual_seed(0)
     model = _build(name, digits)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     views, y = _views(model, digits)  # a fixed batch: the loss must go down on it
-    labels = y if getattr(model, "uses_labels", False) else None
-    losses = []
-    for _ in range(20):
-        loss = model.loss(views, 0.0, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert_loss_falls(model, views, labels=y if getattr(model, "uses_labels", False) else None)
 
 
 def test_ssl_methods_never_see_labels(digits: Splits) -> None:

@@ -16,6 +16,7 @@ from benchmark.errors import ConfigError
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
 from methods.dino import DINO, Config, dino_loss, momentum_at, teacher_temp_at, update_center
+from tests.methods.steps import assert_loss_falls
 
 SMALL = Config(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 
@@ -185,12 +186,4 @@ def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
     # raises the entropy of the teacher, a term of the loss (cross entropy = H(P_t) + KL(P_t || P_s)).
     model = _model(digits, cfg=Config(out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=1, center_momentum=1.0))
     views = _views(model, digits)  # a fixed batch
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(20):
-        loss = model.loss(views, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert_loss_falls(model, views, progress=1.0)

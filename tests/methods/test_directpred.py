@@ -15,6 +15,7 @@ from benchmark.data import Splits
 from benchmark.errors import ConfigError
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from tests.methods.steps import assert_loss_falls
 
 
 def _model(data: Splits, **kw: object) -> dp.DirectPred:
@@ -154,13 +155,5 @@ def test_config_is_validated() -> None:
 def test_loss_falls_within_20_sgd_steps(digits: Splits) -> None:
     torch.manual_seed(0)
     model = _model(digits)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     views = _views(model, digits)
-    losses = []
-    for _ in range(20):
-        loss = model.loss(views, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert_loss_falls(model, views)

@@ -1,0 +1,25 @@
+"""The shared 'loss falls over 20 SGD steps on a fixed batch' check used by the method tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def assert_loss_falls(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None,
+                      before_step: Callable[[], object] | None = None, steps: int = 20) -> list[float]:
+    """SGD (lr 0.05, momentum 0.9) on `views`; the mean of the last 3 losses must be < 0.9 x the first 3."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        if before_step is not None:
+            before_step()
+        loss = model.loss(views, progress, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    return losses

@@ -12,8 +12,10 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any) -> None:
@@ -37,3 +39,30 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple[Any
         while not ctx_procs.join():
             pass
     return [results[r] for r in range(world_size)]
+
+
+def _pair_loss_on_rank(rank: int, world: int, loss_fn: Callable[..., Tensor], z1: Tensor, z2: Tensor,
+                       args: tuple[Any, ...]) -> tuple[float, Tensor, Tensor]:
+    b = len(z1) // world
+    a1 = z1[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    a2 = z2[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    loss = loss_fn(a1, a2, *args)
+    loss.backward()
+    return float(loss.detach()), a1.grad, a2.grad  # type: ignore[return-value]
+
+
+def pair_loss_in_processes(loss_fn: Callable[..., Tensor], z1: Tensor, z2: Tensor, *args: Any,
+                           world_size: int = 2) -> tuple[list[float], float]:
+    """Run `loss_fn(z1_part, z2_part, *args)` on each process's rows of a global batch.
+
+    Asserts that the gradients DDP would apply (each process's input gradients averaged over
+    processes) equal those of one process on the global batch; returns (per-process losses, the
+    one-process loss) for the caller's check of how the losses combine.
+    """
+    ranks = run_distributed(_pair_loss_on_rank, world_size, (loss_fn, z1, z2, args))
+    r1, r2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    ref = loss_fn(r1, r2, *args)
+    ref.backward()
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / world_size, r1.grad)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world_size, r2.grad)
+    return [r[0] for r in ranks], float(ref.detach())

@@ -9,6 +9,7 @@ differences noted inline.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,13 @@ class ViewSpec:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 px image, scaled to `size`
     solarize_p: float = 0.0
+
+
+def byol_pair(size: int, scale: tuple[float, float]) -> list[ViewSpec]:
+    """BYOL's two views (Grill et al. 2020, table 6): the same crop and jitter, blur 1.0 / 0.1 and
+    solarisation 0.0 / 0.2. Also the views of MoCo v3, Barlow Twins, VICReg and DINO's global crops."""
+    v = ViewSpec(size=size, scale=scale, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
+    return [dataclasses.replace(v, blur_p=1.0), dataclasses.replace(v, blur_p=0.1, solarize_p=0.2)]
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> Tensor:

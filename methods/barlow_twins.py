@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
 from benchmark.distributed import gather_with_grad
+from benchmark.heads import mlp_stack
 from benchmark.registry import register_method
 
 
@@ -30,17 +31,6 @@ class Config:
               f"barlow_twins.proj_dims must be one or more positive widths, got {self.proj_dims}")
         check(self.lambd >= 0, f"barlow_twins.lambd must be >= 0, got {self.lambd}")
         check(0 < self.min_scale <= 1, f"barlow_twins.min_scale must be in (0, 1], got {self.min_scale}")
-
-
-def projector(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
-    """Linear-BN-ReLU for every width but the last, then a bias-free Linear (official `main.py`)."""
-    mods: list[nn.Module] = []
-    d = in_dim
-    for h in dims[:-1]:
-        mods += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
-        d = h
-    mods.append(nn.Linear(d, dims[-1], bias=False))
-    return nn.Sequential(*mods)
 
 
 def _standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
@@ -84,12 +74,11 @@ class BarlowTwins(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.projector = projector(backbone.dim, cfg.proj_dims)  # type: ignore[arg-type]
+        self.projector = mlp_stack(backbone.dim, cfg.proj_dims, hidden_bias=False)  # type: ignore[arg-type]  # official `main.py`  # type: ignore[arg-type]
 
     def views(self, image_size: int) -> list[ViewSpec]:
         # BYOL's asymmetric pair (code `Transform`): blur 1.0 / 0.1, solarisation 0.0 / 0.2.
-        v = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
-        return [ViewSpec(**{**v.__dict__, "blur_p": 1.0}), ViewSpec(**{**v.__dict__, "blur_p": 0.1, "solarize_p": 0.2})]
+        return byol_pair(image_size, (self.cfg.min_scale, 1.0))
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
         """views: two (B, C, H, W) crops; progress is unused (Barlow Twins has no schedule)."""

@@ -12,6 +12,7 @@ Defaults follow the official code (main_dino.py), differences from the paper not
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
 from benchmark.distributed import all_reduce_mean
 from benchmark.registry import register_method
@@ -155,9 +156,9 @@ class DINO(nn.Module):
     def views(self, image_size: int) -> list[ViewSpec]:
         # Official DataAugmentationDINO: flip, jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2 on every crop;
         # blur p=1.0 / p=0.1 + solarise p=0.2 on the two global crops, blur p=0.5 on the local ones (bicubic there, bilinear here).
-        g = ViewSpec(size=image_size, scale=self.cfg.global_scale, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
-        local = ViewSpec(**{**g.__dict__, "size": max(8, image_size * 96 // 224), "scale": self.cfg.local_scale, "blur_p": 0.5})
-        return [ViewSpec(**{**g.__dict__, "blur_p": 1.0}), ViewSpec(**{**g.__dict__, "blur_p": 0.1, "solarize_p": 0.2})] + [local] * self.cfg.n_local_crops
+        pair = byol_pair(image_size, self.cfg.global_scale)
+        local = dataclasses.replace(pair[0], size=max(8, image_size * 96 // 224), scale=self.cfg.local_scale, blur_p=0.5)
+        return pair + [local] * self.cfg.n_local_crops
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:

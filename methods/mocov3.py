@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
 from benchmark.distributed import gather, rank
 from benchmark.heads import mlp
@@ -90,8 +90,7 @@ class MoCoV3(nn.Module):
 
     def views(self, image_size: int) -> list[ViewSpec]:
         # BYOL's asymmetric pair (main_moco.py augmentation1/2): blur 1.0 / 0.1, solarize 0 / 0.2.
-        v = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
-        return [ViewSpec(**{**v.__dict__, "blur_p": 1.0}), ViewSpec(**{**v.__dict__, "blur_p": 0.1, "solarize_p": 0.2})]
+        return byol_pair(image_size, (self.cfg.min_scale, 1.0))
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
 from benchmark.distributed import gather_with_grad
+from benchmark.heads import mlp_stack
 from benchmark.registry import register_method
 
 
@@ -37,17 +38,6 @@ class Config:
         for name in ("sim_coeff", "std_coeff", "cov_coeff"):
             check(getattr(self, name) >= 0, f"vicreg.{name} must be >= 0, got {getattr(self, name)}")
         check(0 < self.min_scale <= 1, f"vicreg.min_scale must be in (0, 1], got {self.min_scale}")
-
-
-def expander(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
-    """The official `Projector`: (Linear-BN-ReLU) for every size but the last, then a Linear without bias."""
-    mods: list[nn.Module] = []
-    d = in_dim
-    for h in dims[:-1]:
-        mods += [nn.Linear(d, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
-        d = h
-    mods.append(nn.Linear(d, dims[-1], bias=False))
-    return nn.Sequential(*mods)
 
 
 def _off_diagonal(c: Tensor) -> Tensor:
@@ -110,13 +100,12 @@ class VICReg(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.expander = expander(backbone.dim, cfg.expander_dims)  # type: ignore[arg-type]
+        self.expander = mlp_stack(backbone.dim, cfg.expander_dims, hidden_bias=True)  # type: ignore[arg-type]  # official `Projector`  # type: ignore[arg-type]
 
     def views(self, image_size: int) -> list[ViewSpec]:
         # BYOL's asymmetric pair (code: augmentations.py TrainTransform): blur always on the first view;
         # blur 0.1 and solarisation 0.2 on the second.
-        v = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
-        return [ViewSpec(**{**v.__dict__, "blur_p": 1.0}), ViewSpec(**{**v.__dict__, "blur_p": 0.1, "solarize_p": 0.2})]
+        return byol_pair(image_size, (self.cfg.min_scale, 1.0))
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
         """views: two (N, C, H, W) crops; VICReg has no schedule, so `progress` is unused."""

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 
-def assert_loss_falls(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None,
-                      before_step: Callable[[], object] | None = None, steps: int = 20) -> list[float]:
-    """SGD (lr 0.05, momentum 0.9) on `views`; the mean of the last 3 losses must be < 0.9 x the first 3."""
+def sgd_losses(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None,
+               before_step: Callable[[], object] | None = None, steps: int = 20) -> list[float]:
+    """The losses of `steps` SGD steps (lr 0.05, momentum 0.9) on the fixed `views`."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
     for _ in range(steps):
@@ -21,5 +21,12 @@ def assert_loss_falls(model: nn.Module, views: list[Tensor], progress: float = 0
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    return losses
+
+
+def assert_loss_falls(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None,
+                      before_step: Callable[[], object] | None = None, steps: int = 20) -> list[float]:
+    """`sgd_losses`, then: the mean of the last 3 losses must be < 0.9 x the mean of the first 3."""
+    losses = sgd_losses(model, views, progress, labels, before_step, steps)
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
     return losses

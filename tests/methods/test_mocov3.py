@@ -16,6 +16,7 @@ from benchmark.errors import ConfigError
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
 from methods.mocov3 import Config, MoCoV3, ctr, momentum_at
+from tests.methods.steps import sgd_losses
 
 SMALL = Config(hidden_dim=64, proj_dim=16)
 VIT = Config(hidden_dim=64, proj_dim=16, proj_layers=3, pred_bn_last=True, temperature=0.2)
@@ -195,22 +196,11 @@ def test_momentum_update_follows_the_schedule(digits: Splits) -> None:
     assert all(torch.equal(pm, po) for pm, po in zip(_momentum_params(model), frozen))
 
 
-def _train(model: nn.Module, views: list[Tensor], steps: int = 20) -> list[float]:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        loss = model.loss(views, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
 
 def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
     torch.manual_seed(0)
     model, views = _model_and_views(digits, Config(hidden_dim=128, proj_dim=64))
-    losses = _train(model, views)
+    losses = sgd_losses(model, views)
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
 
 

@@ -16,6 +16,7 @@ from benchmark.errors import ConfigError
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
 from methods.simsiam import Config, SimSiam, simsiam_loss
+from tests.methods.steps import sgd_losses
 
 SMALL = Config(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8)
 
@@ -164,21 +165,10 @@ def test_model_loss_is_view_symmetric_order_invariant_and_ignores_progress(digit
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # every part is online
 
 
-def _train(model: nn.Module, views: list[Tensor], steps: int = 20) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        loss = model.loss(views, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
 
 def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
     # heads narrower than the paper's 2048 to keep this fast on two CPU cores; the architecture is the same.
     # Starts near 0 (unrelated directions) and falls towards -1: about 0.0 -> -0.4 here.
     model, views = _model_and_views(digits, SMALL)
-    losses = _train(model, views)
+    losses = sgd_losses(model, views)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses

@@ -106,6 +106,23 @@ def vit_small(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
     return TimmViT("vit_small_patch16_224", in_channels, image_size, small_stem)
 
 
+class Pixels(nn.Module):
+    """The normalised image itself, flattened: features no network influences (the `pixels` baseline)."""
+
+    def __init__(self, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.dim = in_channels * image_size * image_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(x, 1)
+
+
+@register_backbone("pixels")
+def pixels(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
+    del small_stem
+    return Pixels(in_channels, image_size)
+
+
 def build_backbone(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
     """Build the backbone named in `cfg` for images of this shape."""
     small = cfg.small_stem if cfg.small_stem is not None else image_size <= 64

@@ -28,7 +28,8 @@ from benchmark.registry import DATASETS, register_dataset
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images and labels. x: (N, C, H, W) uint8; y: (N,) int64."""
+    """Images and labels. x: (N, C, H, W) uint8; y: (N,) int64 class indices, or for multi-label data
+    (N, K) int64 with 1 = present, 0 = absent, -1 = present only as "difficult" (VOC)."""
 
     x: Tensor
     y: Tensor
@@ -61,6 +62,10 @@ class Splits:
     @property
     def image_size(self) -> int:
         return int(self.train.x.shape[-1])
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train.y.ndim == 2
 
     def trainval(self) -> ImageSet:
         return ImageSet(torch.cat([self.train.x, self.val.x]), torch.cat([self.train.y, self.val.y]))
@@ -119,9 +124,14 @@ def load_splits(name: str, cfg: DataConfig) -> Splits:
 
 
 def balanced_subset(y: Tensor, n: int, g: torch.Generator) -> Tensor:
-    """Indices of `n` samples spread as evenly as possible over the classes in `y` (sorted)."""
+    """Indices of `n` samples spread as evenly as possible over the classes in `y` (sorted).
+
+    Multi-label `y` (N, K) is stratified by each sample's first present class.
+    """
     if n >= len(y):
         return torch.arange(len(y))
+    if y.ndim == 2:
+        y = (y > 0).to(torch.int64).argmax(1)
     perm = torch.randperm(len(y), generator=g)
     order = torch.argsort(y[perm], stable=True)  # grouped by class, random within a class
     ys = y[perm][order]

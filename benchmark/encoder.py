@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 class Encoder(Protocol):
     dim: int
+    mean: tuple[float, ...]  # per-channel input normalisation (in [0, 1] units) the encoder expects
+    std: tuple[float, ...]
 
     def features(self, x: Tensor) -> Tensor: ...  # (N, dim); eval mode, no grad
 
@@ -47,6 +50,7 @@ class FrozenEncoder:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     key: str
+    layer: str = "out"  # which representation `module` returns (part of the feature-cache key)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None  # on-disk feature cache (shared by every protocol of a run)
     memo: dict[str, Tensor] = field(default_factory=dict)  # in-process feature cache
@@ -55,6 +59,12 @@ class FrozenEncoder:
 
     def __post_init__(self) -> None:
         self.module.eval().requires_grad_(False).to(self.device)
+
+    @property
+    def cache_key(self) -> str:
+        """Weights hash + layer + input transform: features cached under it are this encoder's."""
+        t = hashlib.sha256(repr((self.layer, self.mean, self.std)).encode()).hexdigest()[:8]
+        return f"{self.key}-{self.layer}-{t}"
 
     def normalise(self, x: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> normalised float on the encoder's device."""
@@ -93,7 +103,8 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
 
     On an out-of-memory error the batch is halved and extraction restarts (features do not depend on
     the batch in eval mode); the batch used is stored in `encoder.effective_batch_size`. With a
-    `cache_dir` and a `name`, features are cached on disk under the encoder's key.
+    `cache_dir` and a `name` (dataset fingerprint + split), features are cached on disk under the
+    encoder's `cache_key` (weights, layer, transform): content-addressed, shared by every protocol.
     """
     cache_dir = getattr(encoder, "cache_dir", None)
     memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
@@ -101,7 +112,7 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
         return memo[name]
     path = None
     if cache_dir is not None and name:
-        path = Path(cache_dir) / f"{getattr(encoder, 'key', 'enc')}-{name}.pt"
+        path = Path(cache_dir) / f"{getattr(encoder, 'cache_key', 'enc')}-{name}.pt"
         if path.is_file():
             try:
                 cached = torch.load(path, weights_only=True)

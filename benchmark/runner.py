@@ -29,6 +29,7 @@ from benchmark.errors import CheckpointIntegrityError, ConfigError
 from benchmark.executor import Executor
 from benchmark.io import atomic_save, atomic_write_json, atomic_write_text
 from benchmark.pretrain import build_method, pretrain
+from benchmark.protocol import EvalContext
 from benchmark.provenance import git_info, now, versions
 from benchmark.registry import DATASETS, METHODS, PROTOCOLS
 from benchmark.results import Row, rebuild, row_dict, write_record
@@ -132,7 +133,9 @@ def plan(req: Request) -> Plan:
         splits = load_splits(dataset, data_cfg)  # fails now, not inside a job, if the data is missing
         for method in req.methods:
             entry = METHODS.entry(method)
-            pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {})}, "pretrain")
+            # a method's `pretrain` defaults yield to the suite and the user; its `pretrain_fixed` settings do not
+            pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {}),
+                                                             **entry.meta.get("pretrain_fixed", {})}, "pretrain")
             m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes)
             for seed in req.seeds:
                 ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,
@@ -142,6 +145,10 @@ def plan(req: Request) -> Plan:
                 pre_tasks.append(pt)
                 for protocol in req.protocols:
                     pentry = PROTOCOLS.entry(protocol)
+                    if splits.multilabel and not pentry.meta.get("multilabel", False):
+                        able = ", ".join(n for n in PROTOCOLS.names() if PROTOCOLS.entry(n).meta.get("multilabel", False))
+                        raise ConfigError(f"dataset {dataset!r} is multi-label; protocol {protocol!r} needs one label per image "
+                                          f"(multi-label protocols: {able or 'none'})")
                     version = str(pentry.meta.get("version", "1"))
                     p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), ov.get(protocol, {}), protocol), splits.num_classes)
                     ch = C.config_hash({"pretrain_hash": ph, "protocol": protocol, "version": version, "cfg": p_cfg})
@@ -248,7 +255,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         prov["n_train"] = len(splits.train) + len(splits.val)
         encoder = load_encoder(pt, splits, device, task.eval_cfg)
         before = _state_fingerprint(encoder.module)
-        rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed)
+        ctx = EvalContext(out=Path(pt.out), progress=pt.progress, device=device)
+        rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed, ctx)
         after = encoder.module.state_dict()
         changed = [k for k, t in before.items() if not torch.equal(t, after[k])]
         if changed:

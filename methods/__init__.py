@@ -6,6 +6,7 @@ from methods import dino as dino
 from methods import directpred as directpred
 from methods import mocov2 as mocov2
 from methods import mocov3 as mocov3
+from methods import pixels as pixels
 from methods import random as random
 from methods import simclr as simclr
 from methods import simsiam as simsiam

@@ -1,5 +1,7 @@
 """kNN on frozen features: DINO's weighted vote (Caron et al. 2021, `eval_knn.py`), k=20, T=0.07.
 
+Variants: `knn` (DINO, k=20, T=0.07) and `knn_instdisc` (InstDisc/NPID, VISSL and lightly: k=200, T=0.1).
+
 Features are L2-normalised; each of the k nearest training samples votes for its class with weight
 exp(cos / T). The bank is train + val (nothing is selected on val: k and T are fixed).
 """
@@ -15,8 +17,11 @@ from torch import Tensor
 from benchmark.config import check
 from benchmark.data import Splits
 from benchmark.encoder import Encoder, split_features
+from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.results import Row
+
+__all__ = ["Config", "InstDiscConfig", "knn", "knn_predict", "topk_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -41,14 +46,9 @@ def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int, t: flo
     return torch.cat(out)
 
 
-def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return float((top == y.view(-1, 1)).any(dim=1).float().mean())
-
-
 @register_protocol("knn", config=Config, version="1")
-def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int) -> list[Row]:
-    del seed  # deterministic
+def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
+    del seed, ctx  # deterministic, writes nothing
     f = split_features(encoder, data)
     bank_f, bank_y = torch.cat([f["train"][0], f["val"][0]]), torch.cat([f["train"][1], f["val"][1]])
     scores = knn_predict(bank_f, bank_y, f["test"][0], cfg.k, cfg.temperature, data.num_classes)
@@ -57,3 +57,14 @@ def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int) -> list[Row]:
     if data.num_classes > 5:
         rows.append(Row("top5", topk_accuracy(scores, f["test"][1], 5), selection=sel, n_train=len(bank_y)))
     return rows
+
+
+@dataclass(frozen=True)
+class InstDiscConfig(Config):
+    """The InstDisc/NPID variant (VISSL NEAREST_NEIGHBOR, lightly's ResNet benchmarks): k=200, T=0.1."""
+
+    k: int = 200
+    temperature: float = 0.1
+
+
+register_protocol("knn_instdisc", config=InstDiscConfig, version="1")(knn)

@@ -17,9 +17,9 @@ from torch import Tensor
 from benchmark.config import check
 from benchmark.data import Splits
 from benchmark.encoder import Encoder, split_features
+from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.results import Row
-from protocols.knn import topk_accuracy
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def c_grid(cfg: Config) -> list[float]:
 
 
 @register_protocol("linear", config=Config, version="1")
-def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int) -> list[Row]:
+def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
+    del ctx
     torch.manual_seed(seed)
     device = getattr(encoder, "device", torch.device("cpu"))
     f = split_features(encoder, data)

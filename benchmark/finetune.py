@@ -1,0 +1,140 @@
+"""Supervised training of a classification head on an encoder, frozen or fine-tuned, with augmentation.
+
+The loop behind the SGD protocols (linear head with augmentation, 1%/10% semi-supervised and full
+fine-tuning). The augmentation is the evaluation recipe of every anchor: random resized crop + flip
+for training, the plain image for testing. A frozen backbone stays in eval mode (BN statistics are
+not updated, MoCo's `sanity_check`) and runs without autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from benchmark.augment import ViewSpec, augment
+from benchmark.data import ImageSet
+from benchmark.optim import param_groups
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One supervised schedule. Protocol configs carry these as flat fields and build a `Recipe`."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # for batch 256, scaled linearly with batch_size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: tuple[float, ...] = (0.6, 0.8)  # step schedule: fractions of training where lr is multiplied by 0.1
+    head_lr_mult: float = 1.0  # head lr = lr x this (mmselfsup's 1/10/100 head multipliers)
+    crop_scale: float = 0.08  # RandomResizedCrop minimum area (+ horizontal flip); 1.0 = no augmentation
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Multiplier of the base lr at `step` of `total` (no warm-up, as the anchors' eval recipes)."""
+        t = step / max(1, total)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 0.1 ** sum(t >= m for m in self.milestones)
+
+
+class Classifier(nn.Module):
+    """backbone -> head. With `train_backbone=False` the backbone is frozen in eval mode."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, train_backbone: bool) -> None:
+        super().__init__()
+        self.backbone, self.head, self.train_backbone = backbone, head, train_backbone
+        if not train_backbone:
+            backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.train_backbone:
+            return self.head(self.backbone(x))  # type: ignore[no-any-return]
+        with torch.no_grad():
+            f = self.backbone(x)
+        return self.head(f)  # type: ignore[no-any-return]
+
+
+def _normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return (x.float().div(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...],
+                     device: torch.device, seed: int, progress: bool = False, desc: str = "train") -> list[float]:
+    """Train `model` in place on `train` (uint8 images, int labels); returns the mean loss per epoch.
+
+    Deterministic given `seed`: the order of samples and every augmentation draw come from one generator.
+    """
+    model.to(device)
+    m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    size = int(train.x.shape[-1])
+    spec = ViewSpec(size, scale=(recipe.crop_scale, 1.0), jitter_p=0.0, gray_p=0.0)
+    lr = recipe.lr * recipe.batch_size / 256
+    groups = []
+    for part, mult in ((model.backbone, 1.0), (model.head, recipe.head_lr_mult)):
+        for grp in param_groups(part, recipe.weight_decay):
+            grp.pop("lars")
+            if grp["params"]:
+                groups.append({**grp, "lr": lr * mult, "base_lr": lr * mult})
+    opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n = len(train)
+    bs = min(recipe.batch_size, n)
+    per_epoch = max(1, n // bs)  # drop_last, as the anchors (a 1-sample batch breaks BN)
+    total = recipe.epochs * per_epoch
+    amp = device.type == "cuda"
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    for _ in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(n, generator=g)
+        run = torch.zeros((), device=device)
+        for i in range(per_epoch):
+            idx = order[i * bs : (i + 1) * bs]
+            x = train.x[idx].to(device, non_blocking=True)
+            y = train.y[idx].to(device, non_blocking=True)
+            gd = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            v = augment(x, spec, m, s, gd) if recipe.crop_scale < 1.0 else _normalise(x, m, s)
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * recipe.lr_at(step, total)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(v).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            run += loss.detach()
+            step += 1
+            bar.update()
+        losses.append(float(run) / per_epoch)  # one host sync per epoch
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{desc}: loss is {losses[-1]} after epoch {len(losses)}; lower the lr")
+    bar.close()
+    return losses
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: ImageSet, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+            batch_size: int = 512) -> Tensor:
+    """Logits (N, K) on CPU for the plain (unaugmented) images, in eval mode."""
+    model.eval().to(device)
+    m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    amp = device.type == "cuda"
+    out = []
+    for i in range(0, len(images), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(model(_normalise(images.x[i : i + batch_size].to(device), m, s)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)

@@ -73,6 +73,7 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1)
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
+    clip_grad: float = 0.0  # per-parameter gradient-norm clip (DINO's `clip_gradients`); 0: off
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # memory format of model and views (faster convs on CPU and GPU)
     deterministic: bool = nohash(False)  # torch.use_deterministic_algorithms
@@ -85,6 +86,7 @@ class PretrainConfig:
         check(self.epochs >= 0, f"pretrain.epochs must be >= 0, got {self.epochs}")
         check(self.batch_size > 0, f"pretrain.batch_size must be > 0, got {self.batch_size}")
         check(self.weight_decay >= 0, f"pretrain.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.clip_grad >= 0, f"pretrain.clip_grad must be >= 0, got {self.clip_grad}")
         check(self.warmup_epochs >= 0, f"pretrain.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(self.checkpoint_every > 0, "pretrain.checkpoint_every must be > 0")
         check(self.keep_checkpoints >= 2, "pretrain.keep_checkpoints must be >= 2")

@@ -41,11 +41,11 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(params: nn.Module | Iterable[Tensor], weight_decay: float) -> list[dict[str, Any]]:
     """Weights get weight decay; biases and norm parameters (ndim <= 1) do not (SimCLR, BYOL)."""
     decay: list[Tensor] = []
     no_decay: list[Tensor] = []
-    for p in model.parameters():
+    for p in params.parameters() if isinstance(params, nn.Module) else params:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [
@@ -55,8 +55,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """The optimiser named in `cfg` over the model's parameter groups.
+
+    A method may define `param_groups(weight_decay)` returning groups that, besides `params` and
+    `weight_decay`, carry `lars` (LARS adaptation on), `lr_mult` (scale of the scheduled lr) and
+    `fixed_lr` (the lr stays at its peak: SimSiam's predictor); otherwise `param_groups` above is used.
+    """
     lr = base_lr(cfg)
-    groups = param_groups(model, cfg.weight_decay)
+    custom = getattr(model, "param_groups", None)
+    groups = custom(cfg.weight_decay) if callable(custom) else param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g.setdefault("lr_mult", 1.0)
+        g.setdefault("fixed_lr", False)
+        g.setdefault("lars", True)
+        g["base_weight_decay"] = g["weight_decay"]
     if cfg.optimizer == "sgd":
         for g in groups:
             g.pop("lars")
@@ -66,6 +78,24 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimi
             g.pop("lars")
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
     return LARS(groups, lr=lr, momentum=cfg.momentum)
+
+
+def set_hyperparameters(opt: torch.optim.Optimizer, scheduled_lr: float, peak_lr: float, weight_decay: float | None) -> None:
+    """Per step: each group's lr (scheduled, or its peak when `fixed_lr`) x `lr_mult`; a scheduled weight
+    decay replaces the decay of the groups that have one."""
+    for g in opt.param_groups:
+        g["lr"] = (peak_lr if g.get("fixed_lr") else scheduled_lr) * g.get("lr_mult", 1.0)
+        if weight_decay is not None and g.get("base_weight_decay", 0.0) > 0:
+            g["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_per_parameter(model: nn.Module, max_norm: float) -> None:
+    """Scale each parameter's gradient to norm <= max_norm (DINO's `clip_gradients`, per tensor, not global)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = torch.linalg.vector_norm(p.grad)
+            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
 def base_lr(cfg: PretrainConfig) -> float:

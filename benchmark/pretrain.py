@@ -3,6 +3,9 @@
 A method is an `nn.Module` built as `cls(backbone, cfg)` that provides `views(image_size)`,
 `loss(views, progress, labels=None)` and `encoder()`. Labels are passed only to methods that set
 `uses_labels = True` (the supervised baseline); methods with `trainable = False` are not trained.
+Optional hooks for what the official recipes do beyond one lr and one weight decay:
+`param_groups(weight_decay)` (per-group `lr_mult`, `fixed_lr`, `lars`; see `optim.build_optimizer`)
+and `weight_decay_at(progress, base)` (a weight-decay schedule); `pretrain.clip_grad` clips gradients.
 
 Randomness is derived from (seed, epoch, step), so a run resumed from a checkpoint draws the same
 batches and the same augmentations as an uninterrupted run.
@@ -29,7 +32,7 @@ from benchmark.checkpoints import CheckpointDir
 from benchmark.config import PretrainConfig
 from benchmark.data import Splits
 from benchmark.monitors import is_collapsed, rankme, std_of_l2_normalized
-from benchmark.optim import base_lr, build_optimizer, lr_at
+from benchmark.optim import base_lr, build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def pretrain(
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     opt = build_optimizer(model, cfg)
+    wd_at = getattr(model, "weight_decay_at", None)  # optional method hook: (progress, base) -> weight decay
     ckpts = CheckpointDir(ckpt_dir, cfg.keep_checkpoints)
     history: list[dict[str, float]] = []
     start_epoch, step = 0, 0
@@ -131,8 +135,8 @@ def pretrain(
             if cfg.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = splits.train.y[idx].to(device) if uses_labels else None
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, base_lr(cfg))
+            wd = wd_at(step / max(1, total), cfg.weight_decay) if wd_at is not None else None
+            set_hyperparameters(opt, lr_at(step, total, warmup, base_lr(cfg)), base_lr(cfg), wd)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = method.loss(views, step / max(1, total), labels)
             value = float(loss.detach())
@@ -142,6 +146,8 @@ def pretrain(
                 return PretrainOutcome("diverged", method.encoder(), history, step, last_finite, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
+            if cfg.clip_grad > 0:
+                clip_per_parameter(model, cfg.clip_grad)
             opt.step()
             last_finite = value
             running += value

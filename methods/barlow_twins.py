@@ -9,6 +9,7 @@ batch-standardised embeddings is pushed towards the identity: diagonal 1 (invari
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
 from benchmark.distributed import gather_with_grad
 from benchmark.heads import mlp_stack
+from benchmark.optim import param_groups
 from benchmark.registry import register_method
 
 
@@ -65,9 +67,11 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
     return on_diag + lambd * off_diag
 
 
+WEIGHT_LR, BIAS_LR = 0.2, 0.0048  # official `--learning-rate-weights` / `--learning-rate-biases`
+
+
 # Code: LARS, lr 0.2 x batch/256 for weights and 0.0048 x batch/256 for biases and BN parameters
-# (`--learning-rate-biases`; the shared loop has one lr, so those use 0.2 here), weight decay 1.5e-6,
-# 10 warm-up epochs, batch 2048, 1000 epochs.
+# (`--learning-rate-biases`, through `param_groups`), weight decay 1.5e-6, 10 warm-up epochs, batch 2048, 1000 epochs.
 @register_method("barlow_twins", config=Config, pretrain=dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10))
 class BarlowTwins(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
@@ -79,6 +83,11 @@ class BarlowTwins(nn.Module):
     def views(self, image_size: int) -> list[ViewSpec]:
         # BYOL's asymmetric pair (code `Transform`): blur 1.0 / 0.1, solarisation 0.0 / 0.2.
         return byol_pair(image_size, (self.cfg.min_scale, 1.0))
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Biases and BN parameters: no decay, no LARS adaptation, lr x 0.0048 / 0.2 (official `main.py`)."""
+        decay, no_decay = param_groups(self, weight_decay)
+        return [decay, {**no_decay, "lr_mult": BIAS_LR / WEIGHT_LR}]
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
         """views: two (B, C, H, W) crops; progress is unused (Barlow Twins has no schedule)."""

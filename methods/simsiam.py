@@ -5,15 +5,15 @@ One network f (backbone + projection MLP) encodes both views; a predictor h maps
 to the other's, whose gradient is stopped. There is no momentum encoder, no negatives and no queue: the
 stop-gradient alone prevents collapse (paper sec. 4.1; `stop_gradient=False` reproduces the collapse).
 
-Not reproduced here: the official code keeps the predictor's learning rate fixed (`--fix-pred-lr`,
-paper sec. 4.2 / appendix), while the shared loop decays every parameter group on one cosine schedule;
-and the official code applies weight decay to all parameters and uses SyncBN, which the shared loop
-and optimiser (no decay on biases and norm layers, per-process BN) do not.
+The predictor's learning rate stays fixed at its peak (official `--fix-pred-lr`, paper sec. 4.2), through
+`param_groups`. Not reproduced: the official code applies weight decay to all parameters and uses SyncBN;
+here biases and norm layers get no decay and BN is per process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from benchmark.augment import ViewSpec
 from benchmark.config import check
 from benchmark.heads import mlp
+from benchmark.optim import param_groups
 from benchmark.registry import register_method
 
 
@@ -79,6 +80,12 @@ class SimSiam(nn.Module):
         view = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4,
                         saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.5)
         return [view, view]
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The predictor's lr is not decayed (official `--fix-pred-lr`)."""
+        rest = [p for n, p in self.named_parameters() if not n.startswith("predictor.")]
+        groups = param_groups(rest, weight_decay)
+        return groups + [{**g, "fixed_lr": True} for g in param_groups(list(self.predictor.parameters()), weight_decay)]
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
         """views: two (N, C, H, W) crops; progress is unused (SimSiam has no schedule of its own)."""

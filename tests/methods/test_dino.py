@@ -187,3 +187,20 @@ def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
     model = _model(digits, cfg=Config(out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=1, center_momentum=1.0))
     views = _views(model, digits)  # a fixed batch
     assert_loss_falls(model, views, progress=1.0)
+
+
+def _centre_on_rank(rank: int, world: int, teacher_out: torch.Tensor) -> torch.Tensor:
+    b = len(teacher_out) // world
+    c = torch.zeros(1, teacher_out.shape[1])
+    update_center(c, teacher_out[rank * b : (rank + 1) * b], m=0.9)
+    return c
+
+
+def test_centre_in_two_processes_equals_one_process_on_the_global_batch() -> None:
+    from tests.ddp import run_distributed
+
+    t = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    ref = torch.zeros(1, 5)
+    update_center(ref, t, m=0.9)
+    for c in run_distributed(_centre_on_rank, 2, (t,)):
+        torch.testing.assert_close(c, ref)

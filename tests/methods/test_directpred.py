@@ -157,3 +157,16 @@ def test_loss_falls_within_20_sgd_steps(digits: Splits) -> None:
     model = _model(digits)
     views = _views(model, digits)
     assert_loss_falls(model, views)
+
+
+def _correlation_on_rank(rank: int, world: int, z: torch.Tensor) -> torch.Tensor:
+    b = len(z) // world
+    return dp.correlation(z[rank * b : (rank + 1) * b])
+
+
+def test_correlation_in_two_processes_equals_one_process_on_the_global_batch() -> None:
+    from tests.ddp import run_distributed
+
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for f in run_distributed(_correlation_on_rank, 2, (z,)):
+        torch.testing.assert_close(f, z.T @ z / 8)

@@ -181,9 +181,13 @@ def save_split_file(splits: Splits, path: Path) -> None:
     atomic_write_text(path, json.dumps(info))
 
 
-def resize(s: ImageSet, size: int) -> ImageSet:
-    x = torch.nn.functional.interpolate(s.x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return ImageSet(x.round_().clamp_(0, 255).to(torch.uint8), s.y)
+def resize(s: ImageSet, size: int, chunk: int = 1024) -> ImageSet:
+    """Bilinear, antialiased, in chunks (a float copy of a whole large set would not fit)."""
+    out = torch.empty(len(s), s.x.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, len(s), chunk):
+        x = torch.nn.functional.interpolate(s.x[i : i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return ImageSet(out, s.y)
 
 
 # --------------------------------------------------------------------------- readers
@@ -324,3 +328,6 @@ def _load_imagefolder(root: Path) -> RawDataset:
 register_dataset("imagefolder")(
     DatasetSpec(_load_imagefolder, None, "Pass --data-root DIR with DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg.")
 )
+
+
+import benchmark.voc  # noqa: E402, F401  (registers voc2007; it imports the names above)

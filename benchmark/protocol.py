@@ -98,15 +98,15 @@ def class_balanced_fraction(y: Tensor, fraction: float, seed: int) -> Tensor:
     return balanced_subset(y, n, torch.Generator().manual_seed(seed))
 
 
-def save_subset_file(ctx: EvalContext, data: Splits, tag: str, ids: Tensor) -> Path | None:
-    """Write a subset (indices into `data.train`) to out/splits/<dataset>-<fingerprint>-<tag>.json, once.
+def save_subset_file(ctx: EvalContext, data: Splits, tag: str, ids: Tensor, of: str = "train") -> Path | None:
+    """Write a subset (indices into `data.train`, or what `of` names) to out/splits/<dataset>-<fingerprint>-<tag>.json, once.
 
     An existing file with different indices means the draw is not reproducible: that is an error.
     """
     if ctx.out is None:
         return None
     path = Path(ctx.out) / "splits" / f"{data.name}-{data.fingerprint}-{tag}.json"
-    info = {"dataset": data.name, "fingerprint": data.fingerprint, "subset": tag, "of": "train",
+    info = {"dataset": data.name, "fingerprint": data.fingerprint, "subset": tag, "of": of,
             "n": len(ids), "ids": [int(i) for i in ids], "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]}
     if path.is_file():
         old = json.loads(path.read_text())

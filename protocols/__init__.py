@@ -3,3 +3,6 @@
 from protocols import fewshot as fewshot
 from protocols import knn as knn
 from protocols import linear as linear
+from protocols import linear_sgd as linear_sgd
+from protocols import lowshot_svm as lowshot_svm
+from protocols import svm as svm

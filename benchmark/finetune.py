@@ -33,7 +33,8 @@ class Recipe:
     nesterov: bool = True
     weight_decay: float = 0.0
     schedule: Literal["cosine", "step"] = "cosine"
-    milestones: tuple[float, ...] = (0.6, 0.8)  # step schedule: fractions of training where lr is multiplied by 0.1
+    milestones: tuple[float, ...] = (0.6, 0.8)  # step schedule: fractions of training where lr is multiplied by `gamma`
+    gamma: float = 0.1  # step schedule: lr factor at each milestone (VISSL, MoCo 0.1; mmselfsup 0.2)
     head_lr_mult: float = 1.0  # head lr = lr x this (mmselfsup's 1/10/100 head multipliers)
     crop_scale: float = 0.08  # RandomResizedCrop minimum area (+ horizontal flip); 1.0 = no augmentation
 
@@ -42,7 +43,7 @@ class Recipe:
         t = step / max(1, total)
         if self.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * t))
-        return 0.1 ** sum(t >= m for m in self.milestones)
+        return float(self.gamma ** sum(t >= m for m in self.milestones))
 
 
 class Classifier(nn.Module):
@@ -82,7 +83,9 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: t
     m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     size = int(train.x.shape[-1])
     spec = ViewSpec(size, scale=(recipe.crop_scale, 1.0), jitter_p=0.0, gray_p=0.0)
-    lr = recipe.lr * recipe.batch_size / 256
+    n = len(train)
+    bs = min(recipe.batch_size, n)  # a subset smaller than the batch trains in one batch per epoch
+    lr = recipe.lr * bs / 256  # linear scaling with the batch actually used
     groups = []
     for part, mult in ((model.backbone, 1.0), (model.head, recipe.head_lr_mult)):
         for grp in param_groups(part, recipe.weight_decay):
@@ -91,8 +94,6 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: t
                 groups.append({**grp, "lr": lr * mult, "base_lr": lr * mult})
     opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    n = len(train)
-    bs = min(recipe.batch_size, n)
     per_epoch = max(1, n // bs)  # drop_last, as the anchors (a 1-sample batch breaks BN)
     total = recipe.epochs * per_epoch
     amp = device.type == "cuda"

@@ -17,7 +17,7 @@ from benchmark.device import default_device, describe
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.executor import EXECUTORS
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES
-from benchmark.runner import Request, plan, run
+from benchmark.runner import CheckpointSpec, Request, plan, run
 from benchmark.suites import Suite
 
 
@@ -38,6 +38,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="dataset folder (same as --set data.root=DIR)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--executor", default="local", choices=sorted(EXECUTORS), help="where jobs run")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH[@ARCH]",
+                   help="evaluate a checkpoint file as a leaderboard row (repeatable); ARCH e.g. resnet50, else inferred")
+    p.add_argument("--checkpoint-layout", help="layout of the --checkpoint files when detection is ambiguous (see --list)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading: only for files you trust")
+    p.add_argument("--student", action="store_true", help="teacher/student checkpoints (DINO): evaluate the student")
     p.add_argument("--force", action="store_true", help="rerun cells that already have results")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
@@ -67,6 +72,21 @@ def _seeds(raw: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     return seeds
 
 
+def parse_checkpoint(raw: str, args: argparse.Namespace) -> CheckpointSpec:
+    """`NAME=PATH[@ARCH]` -> a spec; the path must be an existing file (never a random initialisation)."""
+    name, sep, rest = raw.partition("=")
+    if not sep or not name or not rest:
+        raise ConfigError(f"--checkpoint must be NAME=PATH[@ARCH], got {raw!r}")
+    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ConfigError(f"--checkpoint name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    path, _, arch = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if not Path(path).exists():
+        raise ConfigError(f"--checkpoint {name}: {path} does not exist (a missing checkpoint is never replaced by a random init)")
+    if Path(path).is_dir():
+        raise ConfigError(f"--checkpoint {name}: {path} is a directory; give the checkpoint file inside it")
+    return CheckpointSpec(name, path, arch or None, args.checkpoint_layout, args.trust_checkpoint, not args.student)
+
+
 def print_list() -> None:
     for title, reg in (("methods", METHODS), ("protocols", PROTOCOLS), ("datasets", DATASETS), ("backbones", BACKBONES)):
         items = []
@@ -74,6 +94,9 @@ def print_list() -> None:
             version = reg.entry(name).meta.get("version")
             items.append(f"{name}@{version}" if version else name)
         print(f"{title}: {', '.join(items)}")
+    from benchmark.importers import LAYOUTS
+
+    print(f"checkpoint layouts: {', '.join(LAYOUTS.names())}")
     print("suites:")
     for name in SUITES.names():
         s: Suite = SUITES.get(name)
@@ -101,8 +124,9 @@ def build_request(args: argparse.Namespace) -> Request:
     user = C.merge(*(C.load_yaml(f) for f in args.config), C.parse_set(args.sets))
     if args.data_root:
         user = C.merge(user, {"data": {"root": args.data_root}})
+    checkpoints = tuple(parse_checkpoint(c, args) for c in args.checkpoint)
     return Request(
-        methods=_names(args.methods, suite.methods, "methods"),
+        methods=_names(args.methods, () if checkpoints else suite.methods, "methods"),
         protocols=_names(args.protocols, suite.protocols, "protocols"),
         datasets=_names(args.datasets, suite.datasets, "datasets"),
         seeds=_seeds(args.seeds, suite.seeds),
@@ -112,10 +136,49 @@ def build_request(args: argparse.Namespace) -> Request:
         device=str(device),
         force=args.force,
         progress=not args.no_progress,
+        checkpoints=checkpoints,
     )
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_benchmark.py export",
+                                description="Convert any importable checkpoint to torchvision or Detectron2 layout.")
+    p.add_argument("checkpoint", metavar="PATH[@ARCH]", help="checkpoint file (any layout in --list), optional architecture")
+    p.add_argument("--format", required=True, choices=["torchvision", "detectron2"], help="output layout")
+    p.add_argument("--to", required=True, metavar="FILE", help="output file (.pth for torchvision, .pkl for Detectron2)")
+    p.add_argument("--checkpoint-layout", help="layout of the input when detection is ambiguous")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading: only for files you trust")
+    p.add_argument("--student", action="store_true", help="teacher/student checkpoints (DINO): export the student")
+    return p
+
+
+def export(argv: list[str]) -> int:
+    """`run_benchmark.py export PATH[@ARCH] --format torchvision|detectron2 --to FILE`."""
+    from benchmark.importers import export_detectron2, export_torchvision
+
+    args = export_parser().parse_args(argv)
+    try:
+        ck = parse_checkpoint(f"export={args.checkpoint}", args)
+        from benchmark.importers import import_encoder
+
+        module, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
+        print(report.summary())
+        if args.format == "torchvision":
+            export_torchvision(module, args.to)
+        else:
+            export_detectron2(module, args.to)
+    except SSLBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to} ({args.format} layout)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest = [a for a in argv if a not in ("--no-progress", "-v", "--verbose")]  # global flags allowed before it
+    if rest[:1] == ["export"]:
+        return export(rest[1:])
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -124,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         req = build_request(args)
         p = plan(req)
+        for report in p.imports:
+            print(report)
         out = Path(req.out)
         print(f"sslbench: suite {req.suite}, {len(req.methods)} methods x {len(req.protocols)} protocols x "
               f"{len(req.datasets)} datasets x {len(req.seeds)} seeds on {describe(torch.device(req.device))} -> {out}/")

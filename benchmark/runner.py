@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class CheckpointSpec:
+    """Someone's checkpoint evaluated as a leaderboard row (`--checkpoint NAME=PATH[@ARCH]`)."""
+
+    name: str  # the row's name in the `method` column
+    path: str
+    arch: str | None = None  # None: inferred from the tensor shapes
+    layout: str | None = None  # None: detected (see `--list`)
+    trust: bool = False  # allow a full pickle load (only for files you trust)
+    teacher: bool = True  # DINO-style files: evaluate the teacher
+
+
+@dataclass(frozen=True)
 class Request:
     """What the user asked for, before resolution."""
 
@@ -51,6 +63,7 @@ class Request:
     device: str = "cpu"
     force: bool = False
     progress: bool = True
+    checkpoints: tuple[CheckpointSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class PretrainTask:
     suite: str
     device: str
     progress: bool
+    checkpoint: CheckpointSpec | None = None  # set: import this file instead of pretraining
+    checkpoint_sha256: str | None = None  # of `checkpoint.path` when the grid was planned
 
     @property
     def label(self) -> str:
@@ -92,6 +107,7 @@ class EvalTask:
 class Plan:
     pretrain: list[PretrainTask]
     evals: list[EvalTask]
+    imports: list[str] = dataclasses.field(default_factory=list)  # one report per imported checkpoint
 
 
 # --------------------------------------------------------------------------- planning
@@ -129,8 +145,19 @@ def plan(req: Request) -> Plan:
         C.apply_overrides(reg.default_config(name), ov[name], name)
     out = Path(req.out)
     pre_tasks, eval_tasks = [], []
+    imported = _check_checkpoints(req)  # every file is loaded and checked now, before any work starts
     for dataset in req.datasets:
         splits = load_splits(dataset, data_cfg)  # fails now, not inside a job, if the data is missing
+        for ck, report in zip(req.checkpoints, imported):
+            pre_cfg = C.PretrainConfig(backbone=report.arch.split(" ")[0], epochs=0)
+            for seed in req.seeds:
+                ph = C.config_hash({"checkpoint_sha256": report.sha256, "arch": report.arch, "layout": report.layout,
+                                    "teacher": ck.teacher, "data": data_cfg, "dataset": dataset, "fingerprint": splits.fingerprint})
+                run_dir = out / "runs" / dataset / ck.name / f"checkpoint-{ph}"
+                pt = PretrainTask(ck.name, dataset, seed, data_cfg, pre_cfg, None, ph, str(run_dir), str(out), req.suite,
+                                  req.device, req.progress, ck, report.sha256)
+                pre_tasks.append(pt)
+                eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
         for method in req.methods:
             entry = METHODS.entry(method)
             # a method's `pretrain` defaults yield to the suite and the user; its `pretrain_fixed` settings do not
@@ -143,24 +170,46 @@ def plan(req: Request) -> Plan:
                 run_dir = out / "runs" / dataset / method / f"seed{seed}-{ph}"
                 pt = PretrainTask(method, dataset, seed, data_cfg, pre_cfg, m_cfg, ph, str(run_dir), str(out), req.suite, req.device, req.progress)
                 pre_tasks.append(pt)
-                for protocol in req.protocols:
-                    pentry = PROTOCOLS.entry(protocol)
-                    if splits.multilabel and not pentry.meta.get("multilabel", False):
-                        able = ", ".join(n for n in PROTOCOLS.names() if PROTOCOLS.entry(n).meta.get("multilabel", False))
-                        raise ConfigError(f"dataset {dataset!r} is multi-label; protocol {protocol!r} needs one label per image "
-                                          f"(multi-label protocols: {able or 'none'})")
-                    version = str(pentry.meta.get("version", "1"))
-                    p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), ov.get(protocol, {}), protocol), splits.num_classes)
-                    ch = C.config_hash({"pretrain_hash": ph, "protocol": protocol, "version": version, "cfg": p_cfg})
-                    rec = out / "records" / dataset / method / f"{protocol}@{version}" / f"seed{seed}-{ch}.json"
-                    eval_tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec)))
-    return Plan(pre_tasks, eval_tasks)
+                eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
+    return Plan(pre_tasks, eval_tasks, [report.summary() for report in imported])
+
+
+def _eval_tasks(req: Request, pt: PretrainTask, splits: Any, eval_cfg: C.EvalConfig) -> list[EvalTask]:
+    """One evaluation cell per protocol for the encoder of `pt`."""
+    tasks = []
+    for protocol in req.protocols:
+        pentry = PROTOCOLS.entry(protocol)
+        if splits.multilabel and not pentry.meta.get("multilabel", False):
+            able = ", ".join(n for n in PROTOCOLS.names() if PROTOCOLS.entry(n).meta.get("multilabel", False))
+            raise ConfigError(f"dataset {pt.dataset!r} is multi-label; protocol {protocol!r} needs one label per image "
+                              f"(multi-label protocols: {able or 'none'})")
+        version = str(pentry.meta.get("version", "1"))
+        p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), req.overrides.get(protocol, {}), protocol),
+                                splits.num_classes)
+        # a cell is (method or checkpoint, protocol@version, dataset, seed, resolved config, checkpoint sha256)
+        ch = C.config_hash({"pretrain_hash": pt.pretrain_hash, "protocol": protocol, "version": version, "cfg": p_cfg})
+        rec = Path(pt.out) / "records" / pt.dataset / pt.method / f"{protocol}@{version}" / f"seed{pt.seed}-{ch}.json"
+        tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec)))
+    return tasks
+
+
+def _check_checkpoints(req: Request) -> list[Any]:
+    """Import every `--checkpoint` once (layout, architecture, every key checked); names must be unique."""
+    from benchmark.importers import import_encoder
+
+    names = [c.name for c in req.checkpoints]
+    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(req.methods)))
+    if clash:
+        raise ConfigError(f"--checkpoint name(s) {', '.join(clash)} used twice or also given in --methods; pick another NAME")
+    return [import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)[1] for ck in req.checkpoints]
 
 
 # --------------------------------------------------------------------------- task functions
 
 
 def _sections(task: PretrainTask) -> dict[str, Any]:
+    if task.checkpoint is not None:
+        return {"data": C.to_dict(task.data), "checkpoint": {**dataclasses.asdict(task.checkpoint), "sha256": task.checkpoint_sha256}}
     return {"data": C.to_dict(task.data), "pretrain": C.to_dict(task.pretrain), task.method: C.to_dict(task.method_cfg)}
 
 
@@ -168,6 +217,8 @@ def run_pretrain(task: PretrainTask) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) one method; writes encoder weights and `pretrain.json`."""
     run_dir = Path(task.run_dir)
     meta_path = run_dir / "pretrain.json"
+    if task.checkpoint is not None:
+        return _record_import(task, meta_path)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta["status"] == "diverged" or _encoder_ok(run_dir):
@@ -196,6 +247,25 @@ def run_pretrain(task: PretrainTask) -> dict[str, Any]:
     return meta
 
 
+def _record_import(task: PretrainTask, meta_path: Path) -> dict[str, Any]:
+    """A checkpoint is not trained: import it (checked) and record the report; evaluation re-imports it."""
+    from benchmark.importers import import_encoder
+
+    assert task.checkpoint is not None
+    ck = task.checkpoint
+    t0 = time.perf_counter()
+    _, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
+    if report.sha256 != task.checkpoint_sha256:
+        raise CheckpointIntegrityError(f"{ck.path} changed since the grid was planned: sha256 {report.sha256}, "
+                                       f"planned {task.checkpoint_sha256}; rerun the command")
+    meta = {"status": "ok", "method": task.method, "dataset": task.dataset, "seed": task.seed, "pretrain_hash": task.pretrain_hash,
+            "attempts": 1, "steps": 0, "history": [], "wall_s": time.perf_counter() - t0, "finished_at": now(),
+            "checkpoint": ck.path, "encoder_sha256": report.sha256, "import": dataclasses.asdict(report), "dim": report.dim}
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
 def _save_encoder(module: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -212,18 +282,49 @@ def _encoder_ok(run_dir: Path) -> bool:
         return False
 
 
+def _in_channels(module: torch.nn.Module) -> int | None:
+    conv = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def adapt_channels(splits: Any, module: torch.nn.Module) -> Any:
+    """The dataset with the channel count an imported encoder expects (grey <-> RGB)."""
+    from benchmark.protocol import to_channels
+
+    want = _in_channels(module) or splits.channels
+    if want == splits.channels:
+        return splits
+    tr, va, te = (to_channels(x, want) for x in (splits.train, splits.val, splits.test))
+    mean, std = (splits.mean * want, splits.std * want) if splits.channels == 1 else ((sum(splits.mean) / 3,), (sum(splits.std) / 3,))
+    return dataclasses.replace(splits, train=tr, val=va, test=te, mean=mean, std=std, fingerprint=f"{splits.fingerprint}-c{want}")
+
+
 def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg: C.EvalConfig) -> FrozenEncoder:
     """Rebuild the backbone and load the verified encoder weights (strict: every key must match)."""
     from safetensors.torch import load_file
 
     from benchmark.backbones import build_backbone
 
+    cache = Path(task.run_dir) / "features" if eval_cfg.cache else None
+    if task.checkpoint is not None:  # re-imported (checked again) on the evaluation's machine
+        from benchmark.importers import import_encoder
+
+        ck = task.checkpoint
+        mod, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
+        if report.sha256 != task.checkpoint_sha256:
+            raise CheckpointIntegrityError(f"{ck.path} changed since the grid was planned: sha256 {report.sha256}, "
+                                           f"planned {task.checkpoint_sha256}; rerun the command")
+        adapted = adapt_channels(splits, mod)  # the file's normalisation, else the dataset's
+        mean, std = (tuple(report.mean), tuple(report.std or ())) if report.mean is not None else (adapted.mean, adapted.std)
+        return FrozenEncoder(mod, report.dim, mean, std, key=report.sha256[:16], device=device, cache_dir=cache,
+                             batch_size=eval_cfg.batch_size)
+
     path = Path(task.run_dir) / "encoder.safetensors"
     digest = verify(path)
     module = build_backbone(task.pretrain, splits.channels, splits.image_size)
     module.load_state_dict(load_file(str(path)), strict=True)
     return FrozenEncoder(module, int(getattr(module, "dim")), splits.mean, splits.std, key=digest[:16], device=device,
-                         cache_dir=Path(task.run_dir) / "features" if eval_cfg.cache else None, batch_size=eval_cfg.batch_size)
+                         cache_dir=cache, batch_size=eval_cfg.batch_size)
 
 
 def _state_fingerprint(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -244,7 +345,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "git_sha": sha, "git_dirty": dirty,
         "torch": v["torch"], "python": v["python"], "device": describe(device), "attempts": meta.get("attempts"),
         "started_at": started, "status": meta["status"], "flags": "collapsed" if meta["status"] == "collapsed" else "",
-        "checkpoint": str(Path(pt.run_dir) / "encoder.safetensors"), "checkpoint_sha256": meta.get("encoder_sha256"),
+        "checkpoint": pt.checkpoint.path if pt.checkpoint else str(Path(pt.run_dir) / "encoder.safetensors"),
+        "checkpoint_sha256": meta.get("encoder_sha256"),
     }
     rows: list[Row]
     if meta["status"] == "diverged":
@@ -254,6 +356,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         prov["dataset_fingerprint"] = splits.fingerprint
         prov["n_train"] = len(splits.train) + len(splits.val)
         encoder = load_encoder(pt, splits, device, task.eval_cfg)
+        if pt.checkpoint is not None:
+            splits = adapt_channels(splits, encoder.module)
         before = _state_fingerprint(encoder.module)
         ctx = EvalContext(out=Path(pt.out), progress=pt.progress, device=device)
         rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed, ctx)
@@ -320,7 +424,8 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
     for i, pt in enumerate(pre_jobs, 1):
         if force and Path(pt.run_dir).exists():
             shutil.rmtree(pt.run_dir)
-        echo(f"[{i}/{len(pre_jobs)}] pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)")
+        what = f"import {pt.checkpoint.path}" if pt.checkpoint else f"pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)"
+        echo(f"[{i}/{len(pre_jobs)}] {what}")
         job = executor.submit(run_pretrain, pt)
         err = job.exception()
         if err is not None:

@@ -3,6 +3,10 @@
 A method is an `nn.Module` built as `cls(backbone, cfg)` that provides `views(image_size)`,
 `loss(views, progress, labels=None)` and `encoder()`. Labels are passed only to methods that set
 `uses_labels = True` (the supervised baseline); methods with `trainable = False` are not trained.
+Methods that need more than the views declare it: `uses_indices = True` passes each sample's index
+into the training set as `loss(..., indices=)` (memory banks: NPID, PIRL); `before_epoch(epoch, splits,
+device, seed)` runs at the start of every epoch (clustering over the whole set: DeepCluster, PCL); all
+their state must live in buffers so that checkpoints restore it.
 Optional hooks for what the official recipes do beyond one lr and one weight decay:
 `param_groups(weight_decay)` (per-group `lr_mult`, `fixed_lr`, `lars`; see `optim.build_optimizer`)
 and `weight_decay_at(progress, base)` (a weight-decay schedule); `pretrain.clip_grad` clips gradients.
@@ -124,7 +128,12 @@ def pretrain(
     last_finite: float | None = history[-1]["loss"] if history else None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, dynamic_ncols=True, leave=False, mininterval=0.5)
     model.train()
+    uses_indices = bool(getattr(model, "uses_indices", False))
+    before_epoch = getattr(model, "before_epoch", None)
     for epoch in range(start_epoch, cfg.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch, splits, device, derive_seed(seed, "before_epoch", epoch))
+            model.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
         running, t0 = 0.0, time.perf_counter()
         for i in range(steps_per_epoch):
@@ -138,7 +147,10 @@ def pretrain(
             wd = wd_at(step / max(1, total), cfg.weight_decay) if wd_at is not None else None
             set_hyperparameters(opt, lr_at(step, total, warmup, base_lr(cfg)), base_lr(cfg), wd)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = method.loss(views, step / max(1, total), labels)
+                if uses_indices:
+                    loss = method.loss(views, step / max(1, total), labels, indices=idx.to(device))  # type: ignore[call-arg]
+                else:
+                    loss = method.loss(views, step / max(1, total), labels)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bar.close()

@@ -163,6 +163,10 @@ def plan(req: Request) -> Plan:
             # a method's `pretrain` defaults yield to the suite and the user; its `pretrain_fixed` settings do not
             pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {}),
                                                              **entry.meta.get("pretrain_fixed", {})}, "pretrain")
+            allowed = entry.meta.get("backbones")  # a method that only works on some backbones (MAE: ViTs)
+            if allowed and pre_cfg.backbone not in allowed:
+                log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
+                pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
             m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes)
             for seed in req.seeds:
                 ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,

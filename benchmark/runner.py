@@ -124,10 +124,14 @@ def _check_sections(overrides: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"unknown config section {section!r}{hint} valid: {', '.join(sorted(valid))}")
 
 
-def _fill_from_data(cfg: Any, num_classes: int) -> Any:
-    """A plugin config field `num_classes` left at None takes the dataset's class count."""
-    if any(f.name == "num_classes" for f in dataclasses.fields(cfg)) and cfg.num_classes is None:
-        return dataclasses.replace(cfg, num_classes=num_classes)
+def _fill_from_data(cfg: Any, num_classes: int, num_samples: int | None = None) -> Any:
+    """Plugin config fields `num_classes` / `num_samples` left at None take the dataset's class count and
+    training-set size (memory banks and pseudo-labels are sized by the latter)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if "num_classes" in names and cfg.num_classes is None:
+        cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    if "num_samples" in names and cfg.num_samples is None and num_samples is not None:
+        cfg = dataclasses.replace(cfg, num_samples=num_samples)
     return cfg
 
 
@@ -167,7 +171,8 @@ def plan(req: Request) -> Plan:
             if allowed and pre_cfg.backbone not in allowed:
                 log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
                 pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
-            m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes)
+            m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes,
+                                    len(splits.train))
             for seed in req.seeds:
                 ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,
                                     "dataset": dataset, "fingerprint": splits.fingerprint, "seed": seed})

@@ -27,7 +27,7 @@ NOT_ON_A_FIXED_BATCH = {
 def _build(name: str, data: Splits) -> torch.nn.Module:
     """The method at the smoke suite's scale (tiny heads), as `--suite smoke` runs it."""
     smoke = SUITES.get("smoke").overrides.get(name, {})
-    cfg = _fill_from_data(apply_overrides(METHODS.default_config(name), smoke, name), data.num_classes)
+    cfg = _fill_from_data(apply_overrides(METHODS.default_config(name), smoke, name), data.num_classes, len(data.train))
     return build_method(METHODS.get(name), cfg, PretrainConfig(backbone="convnet_tiny"), data, seed=0)
 
 

@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "leaderboard.md").read_text())
     print(f"{summary.done} cells done, {summary.skipped} reused, {len(summary.failed)} failed in {time.perf_counter() - t0:.0f}s; "
           f"tables in {out}/ (results.csv, leaderboard.csv, leaderboard.md)")
+    for line in summary.not_applicable:
+        print(f"skipped (does not apply): {line}")
     if summary.diverged:
         print(f"diverged (no metrics): {', '.join(summary.diverged)}")
     if summary.failed:

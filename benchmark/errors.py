@@ -19,6 +19,13 @@ class CheckpointIntegrityError(SSLBenchError):
     """A checkpoint fails its sha256 check or cannot be read."""
 
 
+class NotApplicable(SSLBenchError):
+    """A method or protocol does not apply to this data (e.g. colourisation on grey-scale images).
+
+    The cell is recorded with status `skipped` and the reason, not as a failure.
+    """
+
+
 class DivergedError(SSLBenchError):
     """The training loss became NaN or infinite."""
 

@@ -46,7 +46,7 @@ COLUMNS = [
     "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s",
 ]
 KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]
-STATUS_ORDER = {"ok": 0, "collapsed": 1, "diverged": 2, "failed": 3}
+STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "failed": 4}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -117,7 +117,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def failures(df: pd.DataFrame) -> pd.DataFrame:
-    bad = df[~df["status"].isin(["ok", "collapsed"])]
+    bad = df[~df["status"].isin(["ok", "collapsed", "skipped"])]
     return bad.drop_duplicates(KEY)[KEY + ["status", "flags", "run_id"]].reset_index(drop=True)
 
 

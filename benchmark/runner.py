@@ -25,7 +25,7 @@ from benchmark.checkpoints import sha256_file, verify
 from benchmark.data import load_splits, save_split_file
 from benchmark.device import describe
 from benchmark.encoder import FrozenEncoder
-from benchmark.errors import CheckpointIntegrityError, ConfigError
+from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable
 from benchmark.executor import Executor
 from benchmark.io import atomic_save, atomic_write_json, atomic_write_text
 from benchmark.pretrain import build_method, pretrain
@@ -386,14 +386,16 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
 def failed_record(task: EvalTask, error: BaseException, job_id: str) -> dict[str, Any]:
     """A record for a cell whose job raised: listed in failures.csv, never in the leaderboard."""
     pt = task.pretrain
-    msg = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    status = "skipped" if isinstance(error, NotApplicable) else "failed"
+    msg = (str(error) if status == "skipped" else f"{type(error).__name__}: {error}").splitlines()[0][:300]
     prov = {"run_id": job_id, "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
             "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
-            "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "status": "failed", "flags": msg,
+            "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "status": status, "flags": msg,
             "finished_at": now()}
-    record = {"status": "failed", "error": "".join(traceback.format_exception(error))[-4000:],
-              "rows": [row_dict(Row("failed", float("nan")), prov)]}
-    write_record(Path(task.record_path).with_suffix(".failed.json"), record)
+    record = {"status": status, "error": "".join(traceback.format_exception(error))[-4000:],
+              "rows": [row_dict(Row(status, float("nan")), prov)]}
+    # a skipped cell is finished (a rerun does not retry it); a failed one is retried
+    write_record(Path(task.record_path) if status == "skipped" else Path(task.record_path).with_suffix(".failed.json"), record)
     return record
 
 
@@ -406,6 +408,7 @@ class Summary:
     skipped: int = 0
     failed: list[str] = dataclasses.field(default_factory=list)
     diverged: list[str] = dataclasses.field(default_factory=list)
+    not_applicable: list[str] = dataclasses.field(default_factory=list)  # "label: reason"
 
 
 def _finished(task: EvalTask) -> bool:
@@ -413,7 +416,7 @@ def _finished(task: EvalTask) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("status") in ("ok", "collapsed", "diverged")
+        return json.loads(p.read_text()).get("status") in ("ok", "collapsed", "diverged", "skipped")
     except ValueError:
         return False
 
@@ -439,24 +442,26 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
         err = job.exception()
         if err is not None:
             pre_errors[pt.run_dir] = err
-            echo(f"    failed: {type(err).__name__}: {err}")
+            echo(f"    {'skipped' if isinstance(err, NotApplicable) else 'failed'}: {type(err).__name__}: {err}")
         else:
             meta = job.result()
             last = meta["history"][-1] if meta["history"] else {}
             echo(f"    {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
     for i, task in enumerate(todo, 1):
-        if task.pretrain.run_dir in pre_errors:
-            failed_record(task, pre_errors[task.pretrain.run_dir], "pretrain")
-            summary.failed.append(task.label)
-            continue
-        job = executor.submit(run_eval, task)
-        err = job.exception()
+        pre_err = pre_errors.get(task.pretrain.run_dir)
+        ejob = None if pre_err is not None else executor.submit(run_eval, task)
+        err = pre_err if ejob is None else ejob.exception()
         if err is not None:
-            failed_record(task, err, job.job_id)
-            summary.failed.append(task.label)
-            echo(f"[{i}/{len(todo)}] {task.label}: failed: {type(err).__name__}: {err}")
+            failed_record(task, err, "pretrain" if ejob is None else ejob.job_id)
+            if isinstance(err, NotApplicable):
+                summary.not_applicable.append(f"{task.label}: {err}")
+                echo(f"[{i}/{len(todo)}] {task.label}: skipped: {err}")
+            else:
+                summary.failed.append(task.label)
+                echo(f"[{i}/{len(todo)}] {task.label}: failed: {type(err).__name__}: {err}")
             continue
-        rec = job.result()
+        assert ejob is not None
+        rec = ejob.result()
         summary.done += 1
         if rec["status"] == "diverged":
             summary.diverged.append(task.label)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from benchmark.data import ImageSet
 from benchmark.encoder import FrozenEncoder, extract_features
+from benchmark.errors import NotApplicable
 from benchmark.executor import LocalExecutor
 from benchmark.registry import PROTOCOLS
 from benchmark.runner import Request, plan, run
@@ -45,6 +46,22 @@ def test_a_failing_cell_is_recorded_and_its_neighbours_survive(tmp_path: Path, m
     assert again.skipped == 2 and again.done == 2 and not again.failed
     assert not (tmp_path / "failures.csv").exists()
     assert "digits/linear@1/top1" in pd.read_csv(tmp_path / "leaderboard.csv").columns
+
+
+def test_a_cell_that_does_not_apply_is_skipped_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def grey(*args: object) -> list[object]:
+        raise NotApplicable("needs 3-channel images; digits has 1")
+
+    entry = PROTOCOLS.entry("linear")
+    monkeypatch.setitem(PROTOCOLS._entries, "linear", dataclasses.replace(entry, obj=grey))
+    summary = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert summary.done == 2 and not summary.failed and len(summary.not_applicable) == 2
+    assert all("needs 3-channel images" in line for line in summary.not_applicable)
+    assert not (tmp_path / "failures.csv").exists()
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert set(df[df.protocol == "linear"].status) == {"skipped"}
+    again = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert again.skipped == 4 and again.done == 0  # finished: not retried
 
 
 def test_divergence_is_a_status_without_metrics(tmp_path: Path) -> None:

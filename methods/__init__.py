@@ -8,6 +8,7 @@ from methods import mocov2 as mocov2
 from methods import mocov3 as mocov3
 from methods import pixels as pixels
 from methods import random as random
+from methods import rotation as rotation
 from methods import simclr as simclr
 from methods import simsiam as simsiam
 from methods import supervised as supervised

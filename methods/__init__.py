@@ -4,6 +4,7 @@ from methods import barlow_twins as barlow_twins
 from methods import byol as byol
 from methods import dino as dino
 from methods import directpred as directpred
+from methods import jigsaw as jigsaw
 from methods import mocov2 as mocov2
 from methods import mocov3 as mocov3
 from methods import pixels as pixels

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import PretrainConfig
+from benchmark.errors import ConfigError
 from benchmark.registry import BACKBONES, register_backbone
 
 
@@ -128,3 +129,13 @@ def build_backbone(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn
     small = cfg.small_stem if cfg.small_stem is not None else image_size <= 64
     module: nn.Module = BACKBONES.get(cfg.backbone)(in_channels, image_size, small)
     return module
+
+
+def first_conv(net: nn.Module, why: str) -> tuple[str, nn.Conv2d]:
+    """(name, module) of the first Conv2d in module order: the layer that sees the image in ConvNet (`body.0`),
+    torchvision ResNets (`net.conv1`) and timm ViTs (`net.patch_embed.proj`). `why` starts the error for a
+    backbone without one (or with a grouped one)."""
+    found = next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None or found[1].groups != 1:
+        raise ConfigError(f"{why}; this backbone has no plain first Conv2d: use convnet, resnet18/50 or a ViT")
+    return found

@@ -114,7 +114,7 @@ class Plan:
 
 
 def _check_sections(overrides: dict[str, dict[str, Any]]) -> None:
-    valid = set(C.CORE_SECTIONS) | set(METHODS.names()) | set(PROTOCOLS.names())
+    valid = set(C.CORE_SECTIONS) | set(METHODS.names()) | set(PROTOCOLS.names()) | {f"pretrain@{m}" for m in METHODS.names()}
     for section in overrides:
         if section not in valid:
             import difflib
@@ -164,8 +164,10 @@ def plan(req: Request) -> Plan:
                 eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
         for method in req.methods:
             entry = METHODS.entry(method)
-            # a method's `pretrain` defaults yield to the suite and the user; its `pretrain_fixed` settings do not
+            # a method's `pretrain` defaults yield to the suite and the user (`pretrain`, then the method's own
+            # `pretrain@<method>` section); its `pretrain_fixed` settings do not
             pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {}),
+                                                             **ov.get(f"pretrain@{method}", {}),
                                                              **entry.meta.get("pretrain_fixed", {})}, "pretrain")
             allowed = entry.meta.get("backbones")  # a method that only works on some backbones (MAE: ViTs)
             if allowed and pre_cfg.backbone not in allowed:

@@ -2,11 +2,17 @@
 
 from methods import barlow_twins as barlow_twins
 from methods import byol as byol
+from methods import cmc as cmc
+from methods import colorization as colorization
+from methods import deepcluster as deepcluster
 from methods import dino as dino
 from methods import directpred as directpred
+from methods import inpainting as inpainting
 from methods import jigsaw as jigsaw
+from methods import mae as mae
 from methods import mocov2 as mocov2
 from methods import mocov3 as mocov3
+from methods import npid as npid
 from methods import pixels as pixels
 from methods import random as random
 from methods import rotation as rotation

@@ -111,3 +111,15 @@ def test_non_oom_errors_are_not_retried() -> None:
     with pytest.raises(RuntimeError, match="shape mismatch"):
         extract_features(FrozenEncoder(m, 16, (0.5,), (0.25,), key="b"), ImageSet(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)))
     assert m.calls == 1
+
+
+def test_a_pretrain_at_method_section_overrides_only_that_method(tmp_path: Path) -> None:
+    ov = {**TINY, "pretrain@simclr": {"lr": 0.7, "epochs": 3}}
+    tasks = {t.method: t for t in plan(_request(tmp_path, overrides=ov)).pretrain}
+    assert (tasks["simclr"].pretrain.lr, tasks["simclr"].pretrain.epochs) == (0.7, 3)
+    assert tasks["random"].pretrain.epochs == 1 and tasks["random"].pretrain.lr != 0.7
+    base = {t.method: t for t in plan(_request(tmp_path)).pretrain}
+    assert base["simclr"].pretrain_hash != tasks["simclr"].pretrain_hash  # a changed setting is a new run
+    assert base["random"].pretrain_hash == tasks["random"].pretrain_hash
+    with pytest.raises(Exception, match="unknown config section 'pretrain@simclrr'"):
+        plan(_request(tmp_path, overrides={**TINY, "pretrain@simclrr": {"lr": 0.7}}))

@@ -8,6 +8,13 @@ import torch
 from torch import Tensor, nn
 
 
+def method_loss(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None) -> Tensor:
+    """`model.loss` as the loop calls it: methods with `uses_indices` get the batch's rows 0..B-1 of the training set."""
+    if getattr(model, "uses_indices", False):
+        return model.loss(views, progress, labels, indices=torch.arange(len(views[0])))  # type: ignore[operator, no-any-return]
+    return model.loss(views, progress, labels)  # type: ignore[operator, no-any-return]
+
+
 def sgd_losses(model: nn.Module, views: list[Tensor], progress: float = 0.0, labels: Tensor | None = None,
                before_step: Callable[[], object] | None = None, steps: int = 20) -> list[float]:
     """The losses of `steps` SGD steps (lr 0.05, momentum 0.9) on the fixed `views`."""
@@ -16,7 +23,7 @@ def sgd_losses(model: nn.Module, views: list[Tensor], progress: float = 0.0, lab
     for _ in range(steps):
         if before_step is not None:
             before_step()
-        loss = model.loss(views, progress, labels)
+        loss = method_loss(model, views, progress, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -10,10 +10,11 @@ import torch
 from benchmark.augment import make_views
 from benchmark.config import PretrainConfig, apply_overrides
 from benchmark.data import Splits
+from benchmark.errors import NotApplicable
 from benchmark.pretrain import build_method
 from benchmark.registry import METHODS, SUITES
 from benchmark.runner import _fill_from_data
-from tests.methods.steps import assert_loss_falls
+from tests.methods.steps import assert_loss_falls, method_loss
 
 # On a fixed batch these losses need not fall, by design; each method's own test file checks that its
 # loss falls in a setting where it must (queue reset per step, centre held, ...).
@@ -21,14 +22,22 @@ NOT_ON_A_FIXED_BATCH = {
     "mocov2": "the queue fills with copies of the batch's own keys (test_mocov2 resets the queue)",
     "swav": "codes settle at ln K on one small batch (test_swav uses K=10)",
     "dino": "the moving centre raises the teacher entropy term (test_dino holds the centre)",
+    "npid": "the random initial bank: the batch's embeddings draw together and meet their own rows as noise "
+            "(test_npid fills the bank with real embeddings first)",
+    "deepcluster": "pseudo-labels are i mod K before the first clustering (test_deepcluster clusters first)",
 }
 
 
 def _build(name: str, data: Splits) -> torch.nn.Module:
-    """The method at the smoke suite's scale (tiny heads), as `--suite smoke` runs it."""
+    """The method at the smoke suite's scale (tiny heads), as `--suite smoke` runs it; a method that does not
+    apply to the (1-channel) data is skipped here: its own test file covers it on data it fits."""
     smoke = SUITES.get("smoke").overrides.get(name, {})
     cfg = _fill_from_data(apply_overrides(METHODS.default_config(name), smoke, name), data.num_classes, len(data.train))
-    return build_method(METHODS.get(name), cfg, PretrainConfig(backbone="convnet_tiny"), data, seed=0)
+    backbone = (METHODS.entry(name).meta.get("backbones") or ("convnet_tiny",))[0]  # MAE: a ViT
+    try:
+        return build_method(METHODS.get(name), cfg, PretrainConfig(backbone=backbone), data, seed=0)
+    except NotApplicable as e:
+        pytest.skip(f"{name}: {e}")
 
 
 def _views(model: torch.nn.Module, data: Splits, step: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -46,7 +55,7 @@ def test_one_step_gives_a_finite_loss_and_changes_the_encoder(name: str, digits:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     views, y = _views(model, digits)
     labels = y if getattr(model, "uses_labels", False) else None
-    loss = model.loss(views, 0.0, labels)
+    loss = method_loss(model, views, 0.0, labels)
     assert torch.isfinite(loss)
     opt.zero_grad()
     loss.backward()
@@ -71,7 +80,10 @@ def test_loss_falls_within_20_steps_on_real_data(name: str, digits: Splits) -> N
 def test_ssl_methods_never_see_labels(digits: Splits) -> None:
     for name in METHODS.names():
         if not getattr(METHODS.get(name), "uses_labels", False):
-            model = _build(name, digits)
+            try:
+                model = _build(name, digits)
+            except pytest.skip.Exception:  # does not apply to 1-channel digits
+                continue
             assert not getattr(model, "uses_labels", False)
 
 

@@ -25,6 +25,8 @@ NOT_ON_A_FIXED_BATCH = {
     "npid": "the random initial bank: the batch's embeddings draw together and meet their own rows as noise "
             "(test_npid fills the bank with real embeddings first)",
     "deepcluster": "pseudo-labels are i mod K before the first clustering (test_deepcluster clusters first)",
+    "pcl": "MoCo v2's queue fills with the batch's own keys (test_pcl holds the queue)",
+    "densecl": "the queues fill with copies of the batch's own keys (test_densecl holds both queues)",
 }
 
 

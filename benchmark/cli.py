@@ -15,7 +15,7 @@ import protocols  # noqa: F401  (registers the protocol plugins)
 from benchmark import config as C
 from benchmark.device import default_device, describe
 from benchmark.errors import ConfigError, SSLBenchError
-from benchmark.executor import EXECUTORS
+from benchmark.executor import EXECUTORS, SlurmConfig, make_executor
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES
 from benchmark.runner import CheckpointSpec, Request, plan, run
 from benchmark.suites import Suite
@@ -37,7 +37,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help="override, e.g. --set knn.k=200")
     p.add_argument("--data-root", help="dataset folder (same as --set data.root=DIR)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--executor", default="local", choices=sorted(EXECUTORS), help="where jobs run")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: here, one task after another; slurm: job arrays through submitit; debug: submitit in-process")
+    s = p.add_argument_group("SLURM (--executor slurm)")
+    s.add_argument("--slurm-partition", help="partition (default: the cluster's default)")
+    s.add_argument("--slurm-account", help="account to charge")
+    s.add_argument("--slurm-qos", help="quality of service")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node for pretraining (one task per GPU, DDP); evaluation jobs get 1")
+    s.add_argument("--nodes", type=int, default=1, help="nodes per pretraining job")
+    s.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per task (data loading)")
+    s.add_argument("--mem-gb", type=float, help="memory per node in GB")
+    s.add_argument("--timeout-min", type=int, default=60, help="time limit per job; a job at its limit is checkpointed and requeued")
+    s.add_argument("--array-parallelism", type=int, default=64, help="array tasks that may run at once")
+    s.add_argument("--max-requeues", type=int, default=3, help="preemptions / time-outs a job may be requeued after")
+    s.add_argument("--slurm-set", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. constraint=a100")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH[@ARCH]",
                    help="evaluate a checkpoint file as a leaderboard row (repeatable); ARCH e.g. resnet50, else inferred")
     p.add_argument("--checkpoint-layout", help="layout of the --checkpoint files when detection is ambiguous (see --list)")
@@ -115,8 +128,25 @@ def device_of(raw: str | None) -> torch.device:
     return dev
 
 
+def slurm_config(args: argparse.Namespace) -> SlurmConfig:
+    extra = {}
+    for item in args.slurm_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--slurm-set must be KEY=VALUE, got {item!r}")
+        extra[key.strip().lstrip("-")] = value
+    return SlurmConfig(partition=args.slurm_partition, account=args.slurm_account, qos=args.slurm_qos,
+                       gpus_per_node=args.gpus_per_node, nodes=args.nodes, cpus_per_task=args.cpus_per_task,
+                       mem_gb=args.mem_gb, timeout_min=args.timeout_min, array_parallelism=args.array_parallelism,
+                       max_requeues=args.max_requeues, extra=extra)
+
+
 def build_request(args: argparse.Namespace) -> Request:
-    device = device_of(args.device)
+    if args.executor == "slurm" and args.device is None:
+        # the jobs' device, not this (login) machine's
+        device = torch.device("cuda" if args.gpus_per_node > 0 else "cpu")
+    else:
+        device = device_of(args.device) if args.executor != "slurm" else torch.device(args.device)
     suite_name = args.suite or "default"
     suite: Suite = SUITES.get(suite_name)
     if args.suite is None and device.type == "cuda" and suite.on_gpu:
@@ -179,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in argv if a not in ("--no-progress", "-v", "--verbose")]  # global flags allowed before it
     if rest[:1] == ["export"]:
         return export(rest[1:])
+    if rest[:1] == ["status"]:
+        from benchmark.status import main as status_main
+
+        return status_main(rest[1:])
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -193,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslbench: suite {req.suite}, {len(req.methods)} methods x {len(req.protocols)} protocols x "
               f"{len(req.datasets)} datasets x {len(req.seeds)} seeds on {describe(torch.device(req.device))} -> {out}/")
         t0 = time.perf_counter()
-        summary = run(p, EXECUTORS[args.executor](), out, force=req.force)
+        executor = make_executor(args.executor, out, slurm_config(args))
+        summary = run(p, executor, out, force=req.force)
     except SSLBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not (out / "leaderboard.md").is_file() and summary.done == 0 and not summary.failed:
+        return 0  # a torchrun follower process: rank 0 reports
     print()
     print((out / "leaderboard.md").read_text())
     print(f"{summary.done} cells done, {summary.skipped} reused, {len(summary.failed)} failed in {time.perf_counter() - t0:.0f}s; "

@@ -7,6 +7,9 @@ back to each process's own rows, giving the same loss as one process on the same
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,3 +75,54 @@ def all_reduce_mean(x: Tensor) -> Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= world_size()
     return x
+
+
+def launched_processes() -> int:
+    """How many processes this job was started as: torchrun's WORLD_SIZE, or submitit's SLURM tasks
+    (`--gpus-per-node` > 1 gives one task per GPU); 1 otherwise (a plain run, even inside a bigger allocation)."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if env.get("SUBMITIT_EXECUTOR") == "slurm":
+        return int(env.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Join this job's processes for the duration of one pretraining (nccl on CUDA, gloo on CPU); yields this
+    process's device (cuda:LOCAL_RANK). A no-op for one process or an already-initialised group."""
+    if launched_processes() <= 1 or dist.is_initialized():
+        yield device
+        return
+    if "WORLD_SIZE" not in os.environ:  # SLURM tasks started by submitit: derive MASTER_ADDR, RANK, ... from SLURM
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of every gradient over processes, in one flat all-reduce per dtype (DDP's averaging, for methods
+    whose training step is `loss()` rather than `forward()`)."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size()
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -35,6 +35,8 @@ from benchmark.backbones import build_backbone
 from benchmark.checkpoints import CheckpointDir
 from benchmark.config import PretrainConfig
 from benchmark.data import Splits
+from benchmark.distributed import all_reduce_mean, average_gradients, rank, world_size
+from benchmark.errors import ConfigError
 from benchmark.monitors import is_collapsed, rankme, std_of_l2_normalized
 from benchmark.optim import base_lr, build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
 
@@ -101,6 +103,15 @@ def pretrain(
     """
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
     method = cast(Method, model)
+    # Several processes (torchrun, or SLURM tasks): each takes its slice of the same global batch, gradients are
+    # averaged, and only rank 0 writes; losses that need the global batch gather it (benchmark.distributed).
+    world, me = world_size(), rank()
+    if cfg.batch_size % world:
+        raise ConfigError(f"pretrain.batch_size ({cfg.batch_size}) is the global batch: it must be divisible by the {world} processes")
+    local = cfg.batch_size // world
+    if world > 1 and device.type == "cuda" and getattr(model, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # BN statistics over the global batch, as the method's code
+        method = cast(Method, model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -126,7 +137,8 @@ def pretrain(
         log.info("resumed from epoch %d of %s", start_epoch, ckpt_dir)
     amp = device.type == "cuda" and cfg.amp
     last_finite: float | None = history[-1]["loss"] if history else None
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, dynamic_ncols=True, leave=False, mininterval=0.5)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress or me != 0, dynamic_ncols=True, leave=False, mininterval=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     uses_indices = bool(getattr(model, "uses_indices", False))
     before_epoch = getattr(model, "before_epoch", None)
@@ -140,7 +152,10 @@ def pretrain(
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = splits.train.x[idx].to(device, non_blocking=True)
             g = torch.Generator(device).manual_seed(derive_seed(seed, "views", step))
-            views = make_views(x, specs, splits.mean, splits.std, g)
+            views = make_views(x, specs, splits.mean, splits.std, g)  # the global batch's views, then this process's rows
+            if world > 1:
+                mine = slice(me * local, (me + 1) * local)
+                views, idx = [v[mine] for v in views], idx[mine]
             if cfg.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = splits.train.y[idx].to(device) if uses_labels else None
@@ -151,13 +166,14 @@ def pretrain(
                     loss = method.loss(views, step / max(1, total), labels, indices=idx.to(device))  # type: ignore[call-arg]
                 else:
                     loss = method.loss(views, step / max(1, total), labels)
-            value = float(loss.detach())
+            value = float(all_reduce_mean(loss.detach().float().clone()))  # the same on every process (and its NaN check)
             if not math.isfinite(value):
                 bar.close()
                 log.error("diverged at step %d (last finite loss %s)", step, last_finite)
                 return PretrainOutcome("diverged", method.encoder(), history, step, last_finite, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
+            average_gradients(params)
             if cfg.clip_grad > 0:
                 clip_per_parameter(model, cfg.clip_grad)
             opt.step()
@@ -174,7 +190,8 @@ def pretrain(
                      "history": history, "rng_cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state()
-            ckpts.save(state, epoch + 1)
+            if me == 0:
+                ckpts.save(state, epoch + 1)
     bar.close()
     final = history[-1] if history else collapse_stats(method.encoder(), splits, device)
     dim = int(getattr(method.encoder(), "dim", 1))

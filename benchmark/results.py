@@ -43,7 +43,7 @@ COLUMNS = [
     "run_id", "method", "checkpoint", "protocol", "protocol_version", "dataset", "split", "metric", "value",
     "ci95", "std", "min", "max", "selection", "seed", "n_train", "status", "flags", "suite", "backbone", "config_hash",
     "pretrain_hash", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "torch", "python",
-    "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s",
+    "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s", "job_id", "log",
 ]
 KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]
 STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "failed": 4}
@@ -117,8 +117,12 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def failures(df: pd.DataFrame) -> pd.DataFrame:
-    bad = df[~df["status"].isin(["ok", "collapsed", "skipped"])]
-    return bad.drop_duplicates(KEY)[KEY + ["status", "flags", "run_id"]].reset_index(drop=True)
+    """Failed cells, except those that a later attempt (e.g. with a fixed config) finished."""
+    good = df["status"].isin(["ok", "collapsed", "skipped"])
+    last_good = df[good].groupby(KEY)["finished_at"].max().rename("last_good")
+    bad = df[~good].join(last_good, on=KEY)
+    bad = bad[bad["last_good"].isna() | (bad["finished_at"].astype(str) > bad["last_good"].astype(str))]
+    return bad.drop_duplicates(KEY)[KEY + ["status", "flags", "job_id", "log"]].reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -24,9 +25,10 @@ from benchmark import config as C
 from benchmark.checkpoints import sha256_file, verify
 from benchmark.data import load_splits, save_split_file
 from benchmark.device import describe
+from benchmark.distributed import launched_processes, process_group, rank, world_size
 from benchmark.encoder import FrozenEncoder
 from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable
-from benchmark.executor import Executor
+from benchmark.executor import Executor, Job, current_job_id
 from benchmark.io import atomic_save, atomic_write_json, atomic_write_text
 from benchmark.pretrain import build_method, pretrain
 from benchmark.protocol import EvalContext
@@ -234,23 +236,35 @@ def run_pretrain(task: PretrainTask) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
         if meta["status"] == "diverged" or _encoder_ok(run_dir):
             return dict(meta)
+    # started as several processes (torchrun, or one SLURM task per GPU): they train together, rank 0 writes
+    with process_group(torch.device(task.device)) as device:
+        return _pretrain_here(task, device)
+
+
+def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
+    run_dir = Path(task.run_dir)
+    meta_path = run_dir / "pretrain.json"
+    lead = rank() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     attempts = 1 + int((run_dir / "attempts").read_text()) if (run_dir / "attempts").is_file() else 1
-    atomic_write_text(run_dir / "attempts", str(attempts))
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_sections(task), sort_keys=True))
+    if lead:
+        atomic_write_text(run_dir / "attempts", str(attempts))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_sections(task), sort_keys=True))
     splits = load_splits(task.dataset, task.data)
-    save_split_file(splits, Path(task.out) / "splits" / f"{task.dataset}-{splits.fingerprint}.json")
-    device = torch.device(task.device)
+    if lead:
+        save_split_file(splits, Path(task.out) / "splits" / f"{task.dataset}-{splits.fingerprint}.json")
     t0 = time.perf_counter()
     model = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed)
     trainable = getattr(model, "trainable", True) and task.pretrain.epochs > 0
     cfg = task.pretrain if trainable else dataclasses.replace(task.pretrain, epochs=0)
     outcome = pretrain(model, splits, cfg, task.seed, run_dir / "checkpoints", device, task.progress, desc=task.label)
+    if not lead:
+        return {"status": outcome.status, "rank": rank()}
     meta = {"status": outcome.status, "method": task.method, "dataset": task.dataset, "seed": task.seed,
             "pretrain_hash": task.pretrain_hash, "attempts": attempts, "steps": outcome.steps,
             "diverged_at": outcome.diverged_at, "last_finite_loss": outcome.last_finite_loss,
             "history": outcome.history, "wall_s": time.perf_counter() - t0, "finished_at": now(),
-            "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0))}
+            "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0)), "processes": world_size()}
     if outcome.status != "diverged":
         _save_encoder(outcome.encoder, run_dir / "encoder.safetensors")
         meta["encoder_sha256"] = sha256_file(run_dir / "encoder.safetensors")
@@ -293,6 +307,17 @@ def _encoder_ok(run_dir: Path) -> bool:
         return False
 
 
+def _encoder_ready(task: PretrainTask) -> bool:
+    """The pretraining job left what evaluation needs: `pretrain.json` and (unless diverged or an imported
+    checkpoint) a verified encoder file."""
+    meta_path = Path(task.run_dir) / "pretrain.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(task.checkpoint is not None or meta.get("status") == "diverged" or _encoder_ok(Path(task.run_dir)))
+
+
 def _in_channels(module: torch.nn.Module) -> int | None:
     conv = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
     return None if conv is None else int(conv.in_channels)
@@ -311,7 +336,7 @@ def adapt_channels(splits: Any, module: torch.nn.Module) -> Any:
 
 
 def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg: C.EvalConfig) -> FrozenEncoder:
-    """Rebuild the backbone and load the verified encoder weights (strict: every key must match)."""
+    """Rebuild the method's encoder and load the verified encoder weights (strict: every key must match)."""
     from safetensors.torch import load_file
 
     from benchmark.backbones import build_backbone
@@ -332,7 +357,11 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
 
     path = Path(task.run_dir) / "encoder.safetensors"
     digest = verify(path)
-    module = build_backbone(task.pretrain, splits.channels, splits.image_size)
+    # what the method's `encoder()` returns: the backbone, or e.g. CMC's two halves
+    if task.method_cfg is None:
+        module = build_backbone(task.pretrain, splits.channels, splits.image_size)
+    else:
+        module = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed).encoder()  # type: ignore[operator]
     module.load_state_dict(load_file(str(path)), strict=True)
     return FrozenEncoder(module, int(getattr(module, "dim")), splits.mean, splits.std, key=digest[:16], device=device,
                          cache_dir=cache, batch_size=eval_cfg.batch_size)
@@ -357,7 +386,7 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         "torch": v["torch"], "python": v["python"], "device": describe(device), "attempts": meta.get("attempts"),
         "started_at": started, "status": meta["status"], "flags": "collapsed" if meta["status"] == "collapsed" else "",
         "checkpoint": pt.checkpoint.path if pt.checkpoint else str(Path(pt.run_dir) / "encoder.safetensors"),
-        "checkpoint_sha256": meta.get("encoder_sha256"),
+        "checkpoint_sha256": meta.get("encoder_sha256"), "job_id": current_job_id(),
     }
     rows: list[Row]
     if meta["status"] == "diverged":
@@ -385,16 +414,17 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     return record
 
 
-def failed_record(task: EvalTask, error: BaseException, job_id: str) -> dict[str, Any]:
+def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = "") -> dict[str, Any]:
     """A record for a cell whose job raised: listed in failures.csv, never in the leaderboard."""
     pt = task.pretrain
     status = "skipped" if isinstance(error, NotApplicable) else "failed"
-    msg = (str(error) if status == "skipped" else f"{type(error).__name__}: {error}").splitlines()[0][:300]
+    name = getattr(error, "remote_type", type(error).__name__)  # a job's error: what the task raised
+    msg = (str(error) if status == "skipped" else f"{name}: {error}").splitlines()[0][:300]
     prov = {"run_id": job_id, "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
             "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
             "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "status": status, "flags": msg,
-            "finished_at": now()}
-    record = {"status": status, "error": "".join(traceback.format_exception(error))[-4000:],
+            "finished_at": now(), "job_id": job_id, "log": log}
+    record = {"status": status, "error": (getattr(error, "text", "") or "".join(traceback.format_exception(error)))[-4000:],
               "rows": [row_dict(Row(status, float("nan")), prov)]}
     # a skipped cell is finished (a rerun does not retry it); a failed one is retried
     write_record(Path(task.record_path) if status == "skipped" else Path(task.record_path).with_suffix(".failed.json"), record)
@@ -423,51 +453,110 @@ def _finished(task: EvalTask) -> bool:
         return False
 
 
-def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any = print) -> Summary:
-    """Run every pretraining task, then every evaluation cell whose encoder exists; rebuild the tables."""
+def _cell_row(task: EvalTask) -> dict[str, Any]:
+    pt = task.pretrain
+    return {"cell": task.label, "method": pt.method, "dataset": pt.dataset, "seed": pt.seed, "protocol": f"{task.protocol}@{task.version}",
+            "record": task.record_path, "run_dir": pt.run_dir}
+
+
+def _note_jobs(out: Path, jobs: dict[str, dict[str, Any]]) -> None:
+    """Add submitted jobs to `out/jobs.json` (label -> job id, executor, log, time) for `run_benchmark.py status`."""
+    path = out / "jobs.json"
+    ledger = json.loads(path.read_text()) if path.is_file() else {}
+    ledger.update(jobs)
+    atomic_write_json(path, ledger)
+
+
+def _job_note(job: Job[Any], executor: Executor, kind: str) -> dict[str, Any]:
+    return {"job_id": job.job_id, "executor": executor.name, "log": job.log, "kind": kind, "submitted_at": now()}
+
+
+def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any = print, poll_s: float = 2.0) -> Summary:
+    """Run the grid: every pretraining task that a missing cell needs (one job array), and, as soon as an
+    encoder is ready, its evaluation cells (one array per encoder). Collects every job on its own (a failed or
+    killed job costs only its cells); a job that ends without a valid record counts as failed. Rebuilds the tables."""
     import shutil
 
     summary = Summary()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "grid.json", {"cells": [_cell_row(t) for t in p.evals]})  # what `status` reports on
     todo = [t for t in p.evals if force or not _finished(t)]
     summary.skipped = len(p.evals) - len(todo)
     if summary.skipped:
         echo(f"{summary.skipped} of {len(p.evals)} cells already have results (use --force to rerun them)")
-    needed = {t.pretrain.run_dir for t in todo}
-    pre_errors: dict[str, BaseException] = {}
-    pre_jobs = [t for t in p.pretrain if t.run_dir in needed]
-    for i, pt in enumerate(pre_jobs, 1):
-        if force and Path(pt.run_dir).exists():
-            shutil.rmtree(pt.run_dir)
-        what = f"import {pt.checkpoint.path}" if pt.checkpoint else f"pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)"
-        echo(f"[{i}/{len(pre_jobs)}] {what}")
-        job = executor.submit(run_pretrain, pt)
-        err = job.exception()
-        if err is not None:
-            pre_errors[pt.run_dir] = err
-            echo(f"    {'skipped' if isinstance(err, NotApplicable) else 'failed'}: {type(err).__name__}: {err}")
-        else:
+    cells_of: dict[str, list[EvalTask]] = {}
+    for t in todo:
+        cells_of.setdefault(t.pretrain.run_dir, []).append(t)
+    pre_tasks = [t for t in p.pretrain if t.run_dir in cells_of]
+    if force:
+        for pt in pre_tasks:
+            if Path(pt.run_dir).exists():
+                shutil.rmtree(pt.run_dir)
+    inline = executor.name == "local"  # tasks run here, one by one: announce each before it starts
+    pre_jobs = executor.map(run_pretrain, pre_tasks, kind="pretrain")
+    if launched_processes() > 1 and os.environ.get("RANK", "0") != "0":
+        # a torchrun follower: it only helps rank 0 pretrain; rank 0 evaluates and writes the tables
+        for job in pre_jobs:
+            job.exception()
+        return summary
+    if not inline and pre_jobs:
+        _note_jobs(out, {pt.label: _job_note(j, executor, "pretrain") for pt, j in zip(pre_tasks, pre_jobs)})
+        echo(f"submitted {len(pre_jobs)} pretraining jobs ({executor.name}: {', '.join(j.job_id for j in pre_jobs)}); "
+             f"logs under {Path(pre_jobs[0].log).parent.parent}")
+    outcomes: list[tuple[EvalTask, Job[Any] | None, BaseException | None]] = []
+    waiting = list(zip(pre_tasks, pre_jobs))
+    n_done = 0
+    while waiting:
+        still = []
+        for pt, job in waiting:
+            what = f"import {pt.checkpoint.path}" if pt.checkpoint else f"pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)"
+            if inline:
+                echo(f"[{n_done + 1}/{len(pre_jobs)}] {what}")
+            if not job.done():
+                still.append((pt, job))
+                continue
+            n_done += 1
+            head = "   " if inline else f"[{n_done}/{len(pre_jobs)}] {what} (job {job.job_id}):"
+            err = job.exception()
+            if err is None and not _encoder_ready(pt):
+                err = RuntimeError(f"job {job.job_id} ended without a valid encoder in {pt.run_dir} (log: {job.log or '-'})")
+            cells = cells_of[pt.run_dir]
+            if err is not None:
+                name = getattr(err, "remote_type", type(err).__name__)
+                echo(f"{head} {'skipped' if isinstance(err, NotApplicable) else 'failed'}: {name}: {str(err).splitlines()[0] if str(err) else ''}")
+                outcomes += [(t, None, err) for t in cells]
+                continue
             meta = job.result()
             last = meta["history"][-1] if meta["history"] else {}
-            echo(f"    {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
-    for i, task in enumerate(todo, 1):
-        pre_err = pre_errors.get(task.pretrain.run_dir)
-        ejob = None if pre_err is not None else executor.submit(run_eval, task)
+            echo(f"{head} {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
+            jobs = executor.map(run_eval, cells, kind="eval")
+            if not inline:
+                _note_jobs(out, {t.label: _job_note(j, executor, "eval") for t, j in zip(cells, jobs)})
+                echo(f"    submitted {len(jobs)} evaluation jobs ({', '.join(j.job_id for j in jobs)})")
+            outcomes += [(t, j, None) for t, j in zip(cells, jobs)]
+        waiting = still
+        if waiting:
+            time.sleep(poll_s)
+    for i, (task, ejob, pre_err) in enumerate(outcomes, 1):
         err = pre_err if ejob is None else ejob.exception()
+        if err is None and not _finished(task):  # "success" without a valid record is a failure (T15)
+            err = RuntimeError(f"job {ejob.job_id if ejob else '-'} ended without a valid result file {task.record_path}")
         if err is not None:
-            failed_record(task, err, "pretrain" if ejob is None else ejob.job_id)
+            failed_record(task, err, "pretrain" if ejob is None else ejob.job_id, "" if ejob is None else ejob.log)
             if isinstance(err, NotApplicable):
                 summary.not_applicable.append(f"{task.label}: {err}")
-                echo(f"[{i}/{len(todo)}] {task.label}: skipped: {err}")
+                echo(f"[{i}/{len(outcomes)}] {task.label}: skipped: {err}")
             else:
                 summary.failed.append(task.label)
-                echo(f"[{i}/{len(todo)}] {task.label}: failed: {type(err).__name__}: {err}")
+                name = getattr(err, "remote_type", type(err).__name__)
+                echo(f"[{i}/{len(outcomes)}] {task.label}: failed: {name}: {str(err).splitlines()[0] if str(err) else ''}")
             continue
         assert ejob is not None
-        rec = ejob.result()
+        rec = json.loads(Path(task.record_path).read_text())
         summary.done += 1
         if rec["status"] == "diverged":
             summary.diverged.append(task.label)
         shown = ", ".join(f"{r['metric']} {100 * r['value']:.2f}" for r in rec["rows"] if r["split"] == "test" and r["value"] == r["value"])
-        echo(f"[{i}/{len(todo)}] {task.label}: {rec['status']} {shown}")
+        echo(f"[{i}/{len(outcomes)}] {task.label}: {rec['status']} {shown}")
     rebuild(out)
     return summary

@@ -74,6 +74,8 @@ WEIGHT_LR, BIAS_LR = 0.2, 0.0048  # official `--learning-rate-weights` / `--lear
 # (`--learning-rate-biases`, through `param_groups`), weight decay 1.5e-6, 10 warm-up epochs, batch 2048, 1000 epochs.
 @register_method("barlow_twins", config=Config, pretrain=dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10))
 class BarlowTwins(nn.Module):
+    sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg

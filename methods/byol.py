@@ -41,6 +41,8 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
 # Paper: LARS, lr 0.2 x batch/256, weight decay 1.5e-6, 10 warm-up epochs.
 @register_method("byol", config=Config, pretrain=dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10))
 class BYOL(nn.Module):
+    sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg

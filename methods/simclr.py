@@ -63,6 +63,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
 
 @register_method("simclr", config=Config, pretrain=dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10))
 class SimCLR(nn.Module):
+    sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg

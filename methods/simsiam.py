@@ -66,6 +66,8 @@ def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, stop_gradient: 
 # Official code (main_simsiam.py): SGD, lr 0.05 x batch/256, momentum 0.9, weight decay 1e-4, cosine, no warm-up.
 @register_method("simsiam", config=Config, pretrain=dict(optimizer="sgd", lr=0.05, weight_decay=1e-4, momentum=0.9, warmup_epochs=0))
 class SimSiam(nn.Module):
+    sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg

@@ -96,6 +96,8 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff: float, std_coeff: float, cov_
 # cosine decay; the code decays to base_lr x 0.001, the shared loop to 0.
 @register_method("vicreg", config=Config, pretrain=dict(optimizer="lars", lr=0.2, weight_decay=1e-6, warmup_epochs=10))
 class VICReg(nn.Module):
+    sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg

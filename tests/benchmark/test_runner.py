@@ -123,3 +123,26 @@ def test_a_pretrain_at_method_section_overrides_only_that_method(tmp_path: Path)
     assert base["random"].pretrain_hash == tasks["random"].pretrain_hash
     with pytest.raises(Exception, match="unknown config section 'pretrain@simclrr'"):
         plan(_request(tmp_path, overrides={**TINY, "pretrain@simclrr": {"lr": 0.7}}))
+
+
+def test_a_method_whose_encoder_is_not_the_backbone_is_evaluated(tmp_path: Path) -> None:
+    """CMC's encoder is its two halves side by side: evaluation rebuilds `encoder()`, not the bare backbone."""
+    ov = {**TINY, "cmc": {"feat_dim": 16}}
+    summary = run(plan(_request(tmp_path, methods=("cmc",), protocols=("knn",), overrides=ov)), LocalExecutor(), tmp_path,
+                  echo=lambda *a: None)
+    assert summary.done == 1 and not summary.failed
+
+
+def test_a_job_that_returns_without_a_valid_record_counts_as_failed_and_is_rerun(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """T15: the task swallows its own error and returns normally, writing nothing."""
+    import benchmark.runner as runner
+
+    monkeypatch.setattr(runner, "run_eval", lambda task: {"status": "ok", "rows": []})
+    summary = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert summary.done == 0 and len(summary.failed) == 4
+    fails = pd.read_csv(tmp_path / "failures.csv")
+    assert fails["flags"].str.contains("without a valid result file").all()
+    monkeypatch.undo()
+    again = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert again.done == 4 and again.skipped == 0 and not again.failed

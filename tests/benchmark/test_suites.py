@@ -14,7 +14,8 @@ def test_the_three_suites_exist_and_name_registered_plugins() -> None:
         s: Suite = SUITES.get(name)
         assert all(m in METHODS for m in s.methods) and all(p in PROTOCOLS for p in s.protocols)
         assert all(d in DATASETS for d in s.datasets) and s.seeds
-        assert set(s.overrides) <= set(CORE_SECTIONS) | set(METHODS.names()) | set(PROTOCOLS.names())
+        per_method = {f"pretrain@{m}" for m in METHODS.names()}
+        assert set(s.overrides) <= set(CORE_SECTIONS) | set(METHODS.names()) | set(PROTOCOLS.names()) | per_method
         assert s.on_gpu is None or s.on_gpu in SUITES
 
 

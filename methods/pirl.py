@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ class Config:
     tile_dim: int = 128  # per-tile Linear before the concatenation (VISSL head 0: mlp [2048, 128])
     num_negatives: int = 32000  # K, bank rows drawn per sample and term (VISSL); clamped to the bank size
     temperature: float = 0.07  # T (VISSL and paper)
+    # nce: the paper's and VISSL's default; softmax: cross entropy over the whole bank (VISSL's NCELoss
+    # `loss_type: cross_entropy`, InfoNCE), steadier on small data where a fixed Z meets a fast-changing bank
+    loss_type: Literal["nce", "softmax"] = "nce"
     bank_momentum: float = 0.5  # m_I <- normalise(m m_I + (1 - m) f(v_I)) (VISSL `momentum: 0.5`)
     lam: float = 0.5  # lambda, weight of the jigsaw term (VISSL `loss_weights: [0.5, 0.5]`, paper 0.5)
     z_estimate: bool = True  # Z from the first batch (VISSL `norm_constant: -1`); False: Z = 1, the paper's h as printed
@@ -60,6 +64,7 @@ class Config:
         check(self.proj_dim > 0 and self.tile_dim > 0, f"pirl.proj_dim and pirl.tile_dim must be > 0, got {self.proj_dim}, {self.tile_dim}")
         check(self.num_negatives > 0, f"pirl.num_negatives must be > 0, got {self.num_negatives}")
         check(self.temperature > 0, f"pirl.temperature must be > 0, got {self.temperature}")
+        check(self.loss_type in ("nce", "softmax"), f"pirl.loss_type must be 'nce' or 'softmax', got {self.loss_type!r}")
         check(0 <= self.bank_momentum < 1, f"pirl.bank_momentum must be in [0, 1), got {self.bank_momentum}")
         check(0 <= self.lam <= 1, f"pirl.lam must be in [0, 1], got {self.lam}")
         check(self.grid >= 2, f"pirl.grid must be >= 2 (a 1x1 grid has nothing to shuffle), got {self.grid}")
@@ -111,6 +116,14 @@ def pirl_loss(s_t: Tensor, s_i: Tensor, lam: float, temperature: float, num_samp
     """L = lam L_NCE(m_I, g(v_It)) + (1 - lam) L_NCE(m_I, f(v_I)) (paper eq. 5).
     s_t, s_i: (B, 1 + K) similarities of g(v_It) and f(v_I) to bank rows, as for `nce_loss`."""
     return lam * nce_loss(s_t, temperature, num_samples, log_z) + (1 - lam) * nce_loss(s_i, temperature, num_samples, log_z)
+
+
+def pirl_softmax_loss(s_t: Tensor, s_i: Tensor, indices: Tensor, lam: float, temperature: float) -> Tensor:
+    """lam * CE(s_t / T, i) + (1 - lam) * CE(s_i / T, i): each sample must pick its own bank row i out of the whole
+    bank, from its jigsaw embedding (s_t) and from its image embedding (s_i). s_t, s_i: (B, |D|) similarities to
+    every bank row; indices: (B,) the samples' rows."""
+    return (lam * F.cross_entropy(s_t.float() / temperature, indices)
+            + (1 - lam) * F.cross_entropy(s_i.float() / temperature, indices))
 
 
 def estimate_log_z(s: Tensor, temperature: float, num_samples: int) -> Tensor:
@@ -229,6 +242,10 @@ class PIRL(nn.Module):
             # A copy of the bank, as the update below writes in place while autograd still needs these values.
             s = torch.cat([g, f]) @ self.memory.clone().T  # (2B, |D|)
             s_t, s_i = s.split(len(f))
+            if cfg.loss_type == "softmax":
+                loss = pirl_softmax_loss(s_t, s_i, indices, cfg.lam, cfg.temperature)
+                self.update_memory(indices, f)
+                return loss
             s_t = s_t.gather(1, torch.cat([indices[:, None], noise[0]], dim=1))  # (B, 1 + K)
             s_i = s_i.gather(1, torch.cat([indices[:, None], noise[1]], dim=1))
             if bool(torch.isnan(self.log_z)):

@@ -22,7 +22,18 @@ from benchmark.data import Splits
 from benchmark.errors import ConfigError
 from benchmark.pretrain import build_method, pretrain
 from benchmark.registry import METHODS
-from methods.pirl import PIRL, Config, bank_update, cut_tiles, estimate_log_z, nce_h, nce_loss, pirl_loss, tile_geometry
+from methods.pirl import (
+    PIRL,
+    Config,
+    bank_update,
+    cut_tiles,
+    estimate_log_z,
+    nce_h,
+    nce_loss,
+    pirl_loss,
+    pirl_softmax_loss,
+    tile_geometry,
+)
 from tests.methods.steps import assert_loss_falls
 
 T = 0.07
@@ -318,3 +329,25 @@ def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
 
 
 assert pirl.__doc__ is not None and "1912.01991" in pirl.__doc__ and "facebookresearch/vissl" in pirl.__doc__
+
+
+def test_softmax_loss_hand_case_and_wiring(digits: Splits) -> None:
+    # two bank rows, one sample at row 1: CE over [s/T] with target 1, per term, weighted by lam
+    s_t, s_i = torch.tensor([[0.0, 0.1]]), torch.tensor([[0.2, 0.0]])
+    ce_t = -math.log(math.exp(1.0) / (1 + math.exp(1.0)))  # logits [0, 1] at T = 0.1
+    ce_i = -math.log(1 / (math.exp(2.0) + 1))  # logits [2, 0]
+    got = pirl_softmax_loss(s_t, s_i, torch.tensor([1]), 0.25, 0.1)
+    assert float(got) == pytest.approx(0.25 * ce_t + 0.75 * ce_i, rel=1e-6)
+    model, views, idx = _model(digits, _cfg(loss_type="softmax"))
+    bank0 = model.memory.clone()
+    torch.manual_seed(3)
+    loss = model.loss(views, 0.0, indices=idx)
+    torch.manual_seed(3)
+    ref = copy.deepcopy(model)
+    ref.memory.copy_(bank0)
+    tiles, _ = ref.puzzles(views[1])
+    g, f = ref.embed_tiles(tiles), ref.embed_image(views[0])
+    expected = pirl_softmax_loss(g @ bank0.T, f @ bank0.T, idx, ref.cfg.lam, ref.cfg.temperature)
+    torch.testing.assert_close(loss, expected)
+    assert torch.isnan(model.log_z)  # no Z in the softmax
+    assert not torch.equal(model.memory[idx], bank0[idx]) and torch.equal(model.memory[:100], bank0[:100])

@@ -36,9 +36,10 @@ from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.distributed import all_reduce_mean, gather
+from benchmark.distributed import gather
 from benchmark.errors import ConfigError
 from benchmark.registry import register_method
+from methods import npid
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,15 @@ def nce_h(s: Tensor, temperature: float, num_negatives: int, num_samples: int, l
 
 
 def nce_loss(s: Tensor, temperature: float, num_samples: int, log_z: Tensor | float = 0.0) -> Tensor:
-    """L_NCE (paper eq. 3, VISSL's NCECriterion): -log h(positive) - sum_k log(1 - h(noise k)), batch mean.
-
-    In log space: -log h = softplus(-x) and -log(1 - h) = softplus(x) for x = logit of h (VISSL adds
-    float32 eps to each denominator instead, a difference far below K / |D| for any real bank).
+    """L_NCE (paper eq. 3, VISSL's NCECriterion): -log h(positive) - sum_k log(1 - h(noise k)), batch mean; NPID's
+    NCE (`methods.npid.nce_loss`) on the logits s / T. VISSL adds float32 eps to each denominator instead of working
+    in log space, a difference far below K / |D| for any real bank.
 
     Args:
         s: (B, 1 + K) cosine similarities; column 0 with the sample's own bank row, columns 1..K with noise rows.
         temperature, num_samples, log_z: as for `nce_h`.
-
-    Returns:
-        A scalar, at least 0.
     """
-    k = s.shape[1] - 1
-    x = s.float() / temperature - log_z - math.log(k / num_samples)  # (B, 1 + K) logit of h
-    return (F.softplus(-x[:, 0]) + F.softplus(x[:, 1:]).sum(dim=1)).mean()
+    return npid.nce_loss(s.float() / temperature, log_z, num_samples)
 
 
 def pirl_loss(s_t: Tensor, s_i: Tensor, lam: float, temperature: float, num_samples: int, log_z: Tensor | float) -> Tensor:
@@ -127,15 +122,13 @@ def pirl_softmax_loss(s_t: Tensor, s_i: Tensor, indices: Tensor, lam: float, tem
 
 
 def estimate_log_z(s: Tensor, temperature: float, num_samples: int) -> Tensor:
-    """log Z for Z = |D| x mean(exp(s / T)) over a batch's sampled rows (VISSL NCEAverage, first batch),
-    averaged over processes. s: (B, 1 + K)."""
-    mean = (s.detach().double() / temperature).exp().mean()  # float64: exp(1 / T) overflows float32 below T = 0.011
-    return torch.log(all_reduce_mean(mean) * num_samples).float()
+    """log Z for Z = |D| x mean(exp(s / T)) over a batch's sampled rows (VISSL NCEAverage, first batch; NPID's
+    estimate on the logits s / T), averaged over processes. s: (B, 1 + K)."""
+    return npid.estimate_log_z(s / temperature, num_samples)
 
 
-def bank_update(m: Tensor, f: Tensor, momentum: float) -> Tensor:
-    """New bank rows normalise(momentum m + (1 - momentum) f) (VISSL NCEAverage.update_memory). m, f: (B, D)."""
-    return F.normalize(momentum * m + (1 - momentum) * f, dim=1)
+# PIRL's memory bank is NPID's: rows <- normalise(m rows + (1 - m) f) (VISSL NCEAverage.update_memory)
+bank_update = npid.bank_update
 
 
 def tile_geometry(image_size: int, grid: int, jitter_fraction: float) -> tuple[int, int]:

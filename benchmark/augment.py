@@ -44,6 +44,14 @@ def byol_pair(size: int, scale: tuple[float, float]) -> list[ViewSpec]:
     return [dataclasses.replace(v, blur_p=1.0), dataclasses.replace(v, blur_p=0.1, solarize_p=0.2)]
 
 
+def moco_v2_pair(size: int, scale: tuple[float, float]) -> list[ViewSpec]:
+    """MoCo v2's `aug_plus` (Chen et al. 2020b), two draws of one pipeline: crop, jitter 0.4/0.4/0.4/0.1 with
+    p 0.8, grayscale 0.2, blur 0.5, flip. Also the views of SimSiam, DenseCL and PCL."""
+    v = ViewSpec(size=size, scale=scale, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                 gray_p=0.2, blur_p=0.5, flip_p=0.5)
+    return [v, v]
+
+
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> Tensor:
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, moco_v2_pair
 from benchmark.config import check
 from benchmark.distributed import gather, is_distributed, rank
 from benchmark.registry import register_method
@@ -96,10 +96,8 @@ class MoCoV2(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        # Official `aug_plus`: crop 0.2-1, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur 0.5, flip.
-        view = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4,
-                        saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.5, flip_p=0.5)
-        return [view, view]
+        # Official `aug_plus`.
+        return moco_v2_pair(image_size, (self.cfg.min_scale, 1.0))
 
     @torch.no_grad()
     def update_key_encoder(self, m: float) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.augment import ViewSpec, moco_v2_pair
 from benchmark.config import check
 from benchmark.heads import mlp
 from benchmark.optim import param_groups
@@ -78,10 +78,8 @@ class SimSiam(nn.Module):
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        # MoCo v2 augmentation (official main_simsiam.py): jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur 0.5.
-        view = ViewSpec(size=image_size, scale=(self.cfg.min_scale, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4,
-                        saturation=0.4, hue=0.1, gray_p=0.2, blur_p=0.5)
-        return [view, view]
+        # MoCo v2 augmentation (official main_simsiam.py).
+        return moco_v2_pair(image_size, (self.cfg.min_scale, 1.0))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """The predictor's lr is not decayed (official `--fix-pred-lr`)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from benchmark.config import check
+from benchmark.errors import ConfigError, NotApplicable
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -171,8 +172,6 @@ def remote_error(err: BaseException) -> BaseException:
     name, message = found[-1]
     name = name.rsplit(".", 1)[-1]
     if name == "NotApplicable":
-        from benchmark.errors import NotApplicable
-
         return NotApplicable(message)
     return RemoteTaskError(name, message, text)
 
@@ -264,15 +263,11 @@ def make_executor(name: str, out: Path, slurm: SlurmConfig | None = None) -> Exe
     try:
         import submitit  # noqa: F401
     except ImportError:
-        from benchmark.errors import ConfigError
-
         raise ConfigError(f"--executor {name} needs submitit: `pip install submitit`") from None
     if name == "slurm":
         import shutil
 
         if shutil.which("sbatch") is None:
-            from benchmark.errors import ConfigError
-
             raise ConfigError("--executor slurm: no `sbatch` on this machine; run from a SLURM login node "
                               "(or try it locally: `bash scripts/slurm-local.sh up`)")
     return SubmititExecutor(name, out / "slurm", slurm)

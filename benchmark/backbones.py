@@ -139,3 +139,31 @@ def first_conv(net: nn.Module, why: str) -> tuple[str, nn.Conv2d]:
     if found is None or found[1].groups != 1:
         raise ConfigError(f"{why}; this backbone has no plain first Conv2d: use convnet, resnet18/50 or a ViT")
     return found
+
+
+def stages(net: nn.Module) -> list[nn.Module]:
+    """The backbone as a chain of spatial stages (no pooling), for dense protocols (detection).
+
+    ConvNet: its four conv-BN-ReLU blocks (strides 1, 2, 2, 2). torchvision ResNets: stem (conv1, bn1, relu,
+    max-pool), layer1 ... layer4 (Detectron2's stem, res2 ... res5). The modules are `net`'s own (shared
+    weights), so train a `trainable_copy()`. Anything else (ViTs, the pixels baseline, two-encoder methods)
+    raises `NotApplicable`.
+    """
+    from benchmark.errors import NotApplicable
+
+    if isinstance(net, ConvNet):
+        layers = list(net.body)
+        return [nn.Sequential(*layers[i : i + 3]) for i in range(0, len(layers), 3)]
+    if isinstance(net, TorchvisionResNet):
+        r = net.net
+        return [nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool), r.layer1, r.layer2, r.layer3, r.layer4]
+    raise NotApplicable(f"dense protocols need a convolutional backbone with stages (convnet, resnet18/50); "
+                        f"{type(net).__name__} has none")
+
+
+def torchvision_resnet_state(net: nn.Module) -> dict[str, Tensor] | None:
+    """The weights of a torchvision ResNet backbone under torchvision's own key names (conv1.weight,
+    layer1.0.bn1.running_mean, ...), the layout detection converters start from; None for other backbones."""
+    if not isinstance(net, TorchvisionResNet):
+        return None
+    return {k: v for k, v in net.net.state_dict().items() if not k.startswith("fc.")}

@@ -1,5 +1,6 @@
 """Protocol plugins: one import per plugin, sorted. Importing registers them."""
 
+from protocols import detection as detection
 from protocols import fewshot as fewshot
 from protocols import finetune as finetune
 from protocols import knn as knn

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -162,3 +163,33 @@ def make_views(x: Tensor, specs: list[ViewSpec], mean: tuple[float, ...], std: t
     m = torch.tensor(mean, device=x.device)
     s = torch.tensor(std, device=x.device)
     return [augment(x, spec, m, s, g) for spec in specs]
+
+
+def torchvision_view(spec: ViewSpec, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Tensor], Tensor]:
+    """The reference pipeline of `spec`, per image, with torchvision.transforms.v2: uint8 (C, H, W) -> normalised float.
+
+    What a CPU DataLoader runs (the throughput command's baseline, and the distributions `augment` is tested
+    against): RandomResizedCrop + flip, ColorJitter with probability `jitter_p` (random op order, HSV hue),
+    RandomGrayscale, GaussianBlur with the same kernel-size rule and sigma scaling as `gaussian_blur`, RandomSolarize
+    at 0.5, Normalize.
+    """
+    from torchvision.transforms import v2
+
+    k = max(3, int(0.1 * spec.size) // 2 * 2 + 1)
+    sigma = (spec.blur_sigma[0] * spec.size / 224, spec.blur_sigma[1] * spec.size / 224)
+    ops: list[Callable[[Tensor], Tensor]] = [
+        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),
+        v2.RandomHorizontalFlip(spec.flip_p),
+    ]
+    if spec.jitter_p > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p))
+    if spec.gray_p > 0:
+        ops.append(v2.RandomGrayscale(spec.gray_p))
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if spec.blur_p > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma)], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(v2.RandomSolarize(0.5, p=spec.solarize_p))
+    ops.append(v2.Normalize(list(mean), list(std)))
+    out: Callable[[Tensor], Tensor] = v2.Compose(ops)
+    return out

@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in argv if a not in ("--no-progress", "-v", "--verbose")]  # global flags allowed before it
     if rest[:1] == ["export"]:
         return export(rest[1:])
+    if rest[:1] == ["throughput"]:
+        from benchmark.throughput import main as throughput_main
+
+        return throughput_main(rest[1:])
     if rest[:1] == ["status"]:
         from benchmark.status import main as status_main
 

@@ -198,6 +198,9 @@ class Schedule:
     max_size: int  # longer-side cap, train and test
     weight_decay: float = 1e-4  # Detectron2's default (not applied to norm layers: WEIGHT_DECAY_NORM 0)
     anchor_sizes: tuple[int, ...] | None = None  # None = the variant's; C4: all on one map, FPN: one per level
+    rois_per_image: int | None = None  # ROI_HEADS.BATCH_SIZE_PER_IMAGE (None = the variant's, 512)
+    proposals_train: int | None = None  # RPN.POST_NMS_TOPK_TRAIN (None = the variant's)
+    proposals_test: int | None = None  # RPN.POST_NMS_TOPK_TEST (None = the variant's)
 
     def __post_init__(self) -> None:
         ok = (self.iterations > 0 and self.batch_size > 0 and self.lr > 0 and self.warmup_iters >= 0
@@ -362,6 +365,10 @@ def _schedule_overrides(s: Schedule, head: str) -> dict[str, Any]:
         "INPUT.MIN_SIZE_TRAIN": tuple(s.min_size_train), "INPUT.MIN_SIZE_TEST": s.min_size_test,
         "INPUT.MAX_SIZE_TRAIN": s.max_size, "INPUT.MAX_SIZE_TEST": s.max_size,
     }
+    for key, v in (("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", s.rois_per_image), ("MODEL.RPN.POST_NMS_TOPK_TRAIN", s.proposals_train),
+                   ("MODEL.RPN.POST_NMS_TOPK_TEST", s.proposals_test)):
+        if v is not None:
+            out[key] = int(v)
     if s.anchor_sizes is not None:
         if head == "fpn" and len(s.anchor_sizes) != 5:
             raise ConfigError(f"an FPN variant needs 5 anchor sizes (one per level p2-p6), got {s.anchor_sizes}")

@@ -323,7 +323,8 @@ def detection(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalC
             steps=tuple(sorted({r for s in cfg.steps if 0 < (r := round(s * cfg.iterations)) < cfg.iterations})),
             warmup_iters=cfg.warmup_iters,
             weight_decay=cfg.weight_decay, min_size_train=cfg.min_size_train, min_size_test=cfg.min_size_test,
-            max_size=cfg.max_size, anchor_sizes=cfg.anchor_sizes)
+            max_size=cfg.max_size, anchor_sizes=cfg.anchor_sizes, rois_per_image=cfg.rois_per_image,
+            proposals_train=cfg.proposals_train, proposals_test=cfg.proposals_test)
         workdir = (ctx.out / "detectron2" / f"{encoder_key(encoder)}-seed{seed}") if ctx.out is not None else None
         dets, stats = d2backend.train_and_predict(state, variant=cfg.variant, train=train, test=test, mean=encoder.mean,
                                                   std=encoder.std, schedule=schedule, seed=seed, workdir=workdir,

@@ -80,6 +80,7 @@ class PretrainConfig:
     checkpoint_every: int = nohash(1)  # epochs between checkpoints (a checkpoint is always written at the end)
     keep_checkpoints: int = nohash(2)  # >= 2 so that a corrupt latest checkpoint is survivable
     num_workers: int = nohash(0)  # data-loading workers for datasets not held in memory
+    sync_every: int = nohash(0)  # steps between reads of the loss on the host (NaN check, progress); 0: 1 on CPU, 50 on GPU
 
     def __post_init__(self) -> None:
         positive("pretrain.lr", self.lr)
@@ -90,6 +91,7 @@ class PretrainConfig:
         check(self.warmup_epochs >= 0, f"pretrain.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(self.checkpoint_every > 0, "pretrain.checkpoint_every must be > 0")
         check(self.keep_checkpoints >= 2, "pretrain.keep_checkpoints must be >= 2")
+        check(self.sync_every >= 0, f"pretrain.sync_every must be >= 0, got {self.sync_every}")
 
 
 @dataclass(frozen=True)

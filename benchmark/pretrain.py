@@ -136,6 +136,7 @@ def pretrain(
             torch.cuda.set_rng_state(state["rng_cuda"])
         log.info("resumed from epoch %d of %s", start_epoch, ckpt_dir)
     amp = device.type == "cuda" and cfg.amp
+    sync_every = cfg.sync_every or (50 if device.type == "cuda" else 1)
     last_finite: float | None = history[-1]["loss"] if history else None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress or me != 0, dynamic_ncols=True, leave=False, mininterval=0.5)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,6 +149,7 @@ def pretrain(
             model.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
         running, t0 = 0.0, time.perf_counter()
+        pending: list[Tensor] = []  # per-step losses not yet read on the host
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = splits.train.x[idx].to(device, non_blocking=True)
@@ -166,8 +168,8 @@ def pretrain(
                     loss = method.loss(views, step / max(1, total), labels, indices=idx.to(device))  # type: ignore[call-arg]
                 else:
                     loss = method.loss(views, step / max(1, total), labels)
-            value = float(all_reduce_mean(loss.detach().float().clone()))  # the same on every process (and its NaN check)
-            if not math.isfinite(value):
+            pending.append(all_reduce_mean(loss.detach().float().clone()))  # the same on every process; stays on the device
+            if sync_every == 1 and not math.isfinite(float(pending[-1])):  # CPU: stop before the step applies NaNs
                 bar.close()
                 log.error("diverged at step %d (last finite loss %s)", step, last_finite)
                 return PretrainOutcome("diverged", method.encoder(), history, step, last_finite, step)
@@ -177,11 +179,21 @@ def pretrain(
             if cfg.clip_grad > 0:
                 clip_per_parameter(model, cfg.clip_grad)
             opt.step()
-            last_finite = value
-            running += value
             step += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", refresh=False)
+            if len(pending) >= sync_every or i == steps_per_epoch - 1:
+                # one host sync for `sync_every` steps: the GPU keeps its queue full in between
+                values = torch.stack(pending).tolist()
+                first = step - len(values)
+                pending.clear()
+                for k, value in enumerate(values):
+                    if not math.isfinite(value):
+                        bar.close()
+                        log.error("diverged at step %d (last finite loss %s)", first + k, last_finite)
+                        return PretrainOutcome("diverged", method.encoder(), history, first + k, last_finite, first + k)
+                    last_finite = value
+                    running += value
+                bar.set_postfix(epoch=epoch + 1, loss=f"{values[-1]:.3f}", refresh=False)
         stats = collapse_stats(method.encoder(), splits, device)
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
         log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])

@@ -100,6 +100,25 @@ def test_nan_loss_stops_the_run_as_diverged(digits: Splits, tmp_path: Path) -> N
     assert out.last_finite_loss is not None and out.last_finite_loss == out.last_finite_loss
 
 
+def test_deferred_loss_reads_find_the_same_divergence_and_train_the_same(digits: Splits, tmp_path: Path) -> None:
+    # GPU path: the loss is read on the host every `sync_every` steps, not every step
+    model = NaNAt(at=5)
+    cfg = PretrainConfig(epochs=3, batch_size=64, lr=0.01, sync_every=4)
+    out = pretrain(model, digits, cfg, 0, tmp_path / "nan", torch.device("cpu"), progress=False)
+    assert out.status == "diverged" and out.diverged_at == 5 and model.calls == 8  # found at the read after step 8
+    runs = []
+    for every in (1, 3):
+        torch.manual_seed(0)
+        m = NaNAt(at=10**9)
+        c = PretrainConfig(epochs=2, batch_size=64, lr=0.01, sync_every=every)
+        o = pretrain(m, digits, c, 0, tmp_path / f"ok{every}", torch.device("cpu"), progress=False)
+        runs.append((o, m.backbone.state_dict()))
+    (a, wa), (b, wb) = runs
+    assert a.status == b.status == "ok" and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-12)
+    assert a.last_finite_loss == b.last_finite_loss
+
+
 class Constant(nn.Module):
     """A collapsed encoder: every image maps to the same vector (T7b)."""
 

@@ -52,29 +52,26 @@ _STEM = re.compile(rf"conv1\.weight|bn1\.{_BN}")
 _BLOCK = re.compile(rf"layer([1-4])\.(\d+)\.(conv[1-3]\.weight|bn[1-3]\.{_BN}|downsample\.0\.weight|downsample\.1\.{_BN})")
 
 
-def _prefixes(head: str) -> dict[str, str]:
-    """Where the stem and each torchvision stage live in Detectron2's full model for `head`."""
-    if head == "c4":  # res2..res4 are the backbone; res5 is the RoI head (Res5ROIHeads)
-        return {"stem": "backbone.stem", "1": "backbone.res2", "2": "backbone.res3", "3": "backbone.res4", "4": "roi_heads.res5"}
-    if head == "fpn":  # the ResNet is the FPN's bottom-up path
-        return {"stem": "backbone.bottom_up.stem", **{str(i): f"backbone.bottom_up.res{i + 1}" for i in range(1, 5)}}
-    raise ConfigError(f"unknown detection head {head!r}: use one of {', '.join(HEADS)}")
+def _d2_name(key: str, head: str) -> str | None:
+    """The Detectron2 full-model name of one torchvision key; None for keys with no counterpart (fc, num_batches_tracked).
 
+    The block-level renaming is MoCo's (`benchmark.importers.detectron2_name`: layerN -> res{N+1}, bnK -> convK.norm,
+    downsample -> shortcut); here it gets the module path of the head: C4 keeps stem and res2-res4 in `backbone.`
+    and res5 in the RoI head (Res5ROIHeads), FPN puts the whole ResNet under `backbone.bottom_up.`.
+    """
+    from benchmark.importers import detectron2_name
 
-def _d2_name(key: str, prefix: dict[str, str]) -> str | None:
-    """The Detectron2 name of one torchvision key; None for keys with no counterpart (fc, num_batches_tracked)."""
+    if head not in HEADS:
+        raise ConfigError(f"unknown detection head {head!r}: use one of {', '.join(HEADS)}")
     if key.startswith("fc.") or (key.endswith(".num_batches_tracked") and (_STEM.fullmatch(key) or _BLOCK.fullmatch(key))):
         return None
-    if _STEM.fullmatch(key):
-        return f"{prefix['stem']}.conv1.{'weight' if key == 'conv1.weight' else 'norm.' + key[4:]}"
-    m = _BLOCK.fullmatch(key)
-    if m is None:
+    if not (_STEM.fullmatch(key) or _BLOCK.fullmatch(key)):
         raise ConfigError(f"cannot convert key {key!r} to Detectron2: not a torchvision ResNet key "
                           "(pass the encoder's torchvision-layout state dict, e.g. benchmark.backbones.torchvision_resnet_state)")
-    stage, block, rest = m.group(1), m.group(2), m.group(3)
-    rest = re.sub(r"^bn([1-3])\.", r"conv\1.norm.", rest)  # bnN -> convN.norm
-    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
-    return f"{prefix[stage]}.{block}.{rest}"
+    short = detectron2_name(key)
+    if head == "fpn":
+        return f"backbone.bottom_up.{short}"
+    return f"roi_heads.{short}" if short.startswith("res5.") else f"backbone.{short}"
 
 
 def to_detectron2(sd: dict[str, Tensor], head: str) -> dict[str, Tensor]:
@@ -92,10 +89,9 @@ def to_detectron2(sd: dict[str, Tensor], head: str) -> dict[str, Tensor]:
         {Detectron2 key: tensor}; loadable with `load_backbone` or, written by `write_detectron2_checkpoint`, by
         Detectron2's `DetectionCheckpointer`.
     """
-    prefix = _prefixes(head)
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        name = _d2_name(key, prefix)
+        name = _d2_name(key, head)
         if name is None:
             continue
         if name in out:  # cannot happen with the patterns above; guards against future edits

@@ -73,6 +73,18 @@ def build_method(method_cls: Callable[..., Any], method_cfg: Any, cfg: PretrainC
     return model
 
 
+def device_resident(x: Tensor, device: torch.device, budget: float = 0.25) -> Tensor:
+    """`x` (uint8 images) moved to a CUDA `device` once when it takes at most `budget` of the free memory there, so
+    that batches are indexed on the GPU without host copies; else (or on the CPU) `x` itself."""
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    if x.numel() * x.element_size() > budget * free:
+        log.info("dataset (%.1f GiB) does not fit the GPU budget; batches are copied from pinned memory", x.numel() / 2**30)
+        return x
+    return x.to(device)
+
+
 def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: int = 512) -> dict[str, float]:
     """std·sqrt(d) and RankMe of the encoder's features on a fixed slice of the validation split."""
     was_training = encoder.training
@@ -137,6 +149,7 @@ def pretrain(
         log.info("resumed from epoch %d of %s", start_epoch, ckpt_dir)
     amp = device.type == "cuda" and cfg.amp
     sync_every = cfg.sync_every or (50 if device.type == "cuda" else 1)
+    data_x = device_resident(splits.train.x, device)
     last_finite: float | None = history[-1]["loss"] if history else None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress or me != 0, dynamic_ncols=True, leave=False, mininterval=0.5)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,7 +165,10 @@ def pretrain(
         pending: list[Tensor] = []  # per-step losses not yet read on the host
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = splits.train.x[idx].to(device, non_blocking=True)
+            if data_x.device.type == device.type:  # on the device already (or both on the CPU)
+                x = data_x[idx.to(data_x.device)]
+            else:  # did not fit the GPU: pinned host memory, asynchronous copy
+                x = data_x[idx].pin_memory().to(device, non_blocking=True)
             g = torch.Generator(device).manual_seed(derive_seed(seed, "views", step))
             views = make_views(x, specs, splits.mean, splits.std, g)  # the global batch's views, then this process's rows
             if world > 1:

@@ -61,27 +61,39 @@ def _coin(n: int, p: float, g: torch.Generator, device: torch.device) -> Tensor:
     return torch.rand(n, generator=g, device=device) < p
 
 
-def resized_crop(x: Tensor, spec: ViewSpec, g: torch.Generator) -> Tensor:
+def resized_crop(x: Tensor, spec: ViewSpec, g: torch.Generator, tries: int = 10) -> Tensor:
     """Random resized crop plus horizontal flip, one affine resample per sample.
 
-    torchvision retries up to 10 times for a box inside the image and then falls back to a centre
-    crop; here the sides are clamped to the image instead, which keeps the area distribution for all
-    boxes that fit and is branch-free.
+    torchvision's `RandomResizedCrop.get_params`, batched: per sample up to `tries` (area, log-ratio) draws, the first
+    whose rounded box fits the image is used, at a uniform integer position; when none fits, the centre crop at the
+    nearest allowed aspect ratio. All draws are made at once (branch-free), so the GPU never waits on the host.
     """
     n, dev = x.shape[0], x.device
-    area = _uniform(n, *spec.scale, g, dev)
-    log_r = _uniform(n, math.log(spec.ratio[0]), math.log(spec.ratio[1]), g, dev)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).clamp(max=1.0)  # fractions of the image side
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = _uniform(n, 0, 1, g, dev) * (1 - w) + w / 2  # box centre in [0, 1]
-    cy = _uniform(n, 0, 1, g, dev) * (1 - h) + h / 2
+    hh, ww = x.shape[-2:]
+    area = _uniform(n * tries, *spec.scale, g, dev).view(n, tries) * (hh * ww)
+    r = torch.exp(_uniform(n * tries, math.log(spec.ratio[0]), math.log(spec.ratio[1]), g, dev)).view(n, tries)
+    w_try, h_try = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
+    fits = (w_try > 0) & (w_try <= ww) & (h_try > 0) & (h_try <= hh)
+    first = fits.float().argmax(1, keepdim=True)  # the first fitting draw (0 when none fits)
+    w, h = w_try.gather(1, first).squeeze(1), h_try.gather(1, first).squeeze(1)
+    ok = fits.any(1)
+    in_ratio = ww / hh  # the fallback: the whole image cropped to the nearest allowed ratio, centred
+    if in_ratio < min(spec.ratio):
+        fw, fh = float(ww), float(round(ww / min(spec.ratio)))
+    elif in_ratio > max(spec.ratio):
+        fw, fh = float(round(hh * max(spec.ratio))), float(hh)
+    else:
+        fw, fh = float(ww), float(hh)
+    w, h = torch.where(ok, w, fw), torch.where(ok, h, fh)
+    u, v = _uniform(n, 0, 1, g, dev), _uniform(n, 0, 1, g, dev)
+    left = torch.where(ok, torch.floor(u * (ww - w + 1)).clamp(max=ww - w), torch.div(ww - w, 2, rounding_mode="floor"))
+    top = torch.where(ok, torch.floor(v * (hh - h + 1)).clamp(max=hh - h), torch.div(hh - h, 2, rounding_mode="floor"))
     flip = torch.where(_coin(n, spec.flip_p, g, dev), -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx * 2 - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy * 2 - 1
+    theta[:, 0, 0] = w / ww * flip
+    theta[:, 0, 2] = (left + w / 2) / ww * 2 - 1
+    theta[:, 1, 1] = h / hh
+    theta[:, 1, 2] = (top + h / 2) / hh * 2 - 1
     grid = F.affine_grid(theta, [n, x.shape[1], spec.size, spec.size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

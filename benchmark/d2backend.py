@@ -382,7 +382,7 @@ def detectron2_cfg(variant: str, sd: dict[str, Tensor], *, num_classes: int, mea
         mean, std: per-channel input normalisation in [0, 1] units; their length is the input channel count.
         schedule: replaces the variant's iterations, lr, steps, sizes (None: the full recipe).
         train_sets: registered DatasetCatalog names to train on.
-        n_train: training images; caps precise BN at one pass over them (Detectron2's default is 200 batches).
+        n_train: training images; precise BN runs min(one pass over them, 200, MAX_ITER) batches.
     """
     from detectron2.config import get_cfg
 
@@ -412,7 +412,9 @@ def detectron2_cfg(variant: str, sd: dict[str, Tensor], *, num_classes: int, mea
     }
     if n_train is not None:
         batches = -(-n_train // over.get("SOLVER.IMS_PER_BATCH", 16))
-        over["TEST.PRECISE_BN.NUM_ITER"] = max(1, min(200, batches))
+        # at most one pass over the data, Detectron2's 200 batches, and no more batches than training iterations
+        # (a short schedule should not spend longer on BN statistics than on training)
+        over["TEST.PRECISE_BN.NUM_ITER"] = max(1, min(200, batches, over.get("SOLVER.MAX_ITER", 200)))
     cfg = get_cfg()
     cfg.merge_from_list([x for kv in over.items() for x in kv])
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = int(num_classes)

@@ -81,6 +81,10 @@ class PretrainConfig:
     keep_checkpoints: int = nohash(2)  # >= 2 so that a corrupt latest checkpoint is survivable
     num_workers: int = nohash(0)  # data-loading workers for datasets not held in memory
     sync_every: int = nohash(0)  # steps between reads of the loss on the host (NaN check, progress); 0: 1 on CPU, 50 on GPU
+    # torch.compile each of the model's parts (`nn.Module.compile` on its child modules): "none", or a torch.compile
+    # mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"). The same recipe with
+    # float-level differences, hence not hashed; the first steps pay for compilation (tens of seconds).
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = nohash("none")
 
     def __post_init__(self) -> None:
         positive("pretrain.lr", self.lr)

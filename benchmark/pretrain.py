@@ -85,6 +85,22 @@ def device_resident(x: Tensor, device: torch.device, budget: float = 0.25) -> Te
     return x.to(device)
 
 
+def compile_parts(model: nn.Module, mode: str) -> Callable[[], None]:
+    """`torch.compile` every child module of `model` that has parameters (backbone, heads, EMA copies) in place, with
+    static shapes (multi-crop sizes compile once each); state-dict names are unchanged. Returns the undo, which puts
+    the eager forwards back so that the encoder handed to the protocols is a plain module. Mode "none": nothing."""
+    if mode == "none":
+        return lambda: None
+    parts = [m for m in model.children() if any(True for _ in m.parameters())]
+    for m in parts:
+        m.compile(mode=None if mode == "default" else mode, dynamic=False)
+
+    def undo() -> None:
+        for m in parts:
+            m._compiled_call_impl = None  # what nn.Module.compile sets; None restores the eager __call__
+    return undo
+
+
 def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: int = 512) -> dict[str, float]:
     """std·sqrt(d) and RankMe of the encoder's features on a fixed slice of the validation split."""
     was_training = encoder.training
@@ -111,8 +127,18 @@ def pretrain(
     """Train `model` on `splits.train` (labels withheld unless the method uses them).
 
     Resumes from the newest valid checkpoint in `ckpt_dir`. Raises nothing for divergence: a
-    non-finite loss ends the run with status `diverged`.
+    non-finite loss ends the run with status `diverged`. With `cfg.compile` the model's parts run compiled during
+    training only.
     """
+    uncompile = compile_parts(model, cfg.compile)
+    try:
+        return _pretrain(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+    finally:
+        uncompile()
+
+
+def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, ckpt_dir: Path, device: torch.device,
+              progress: bool, desc: str) -> PretrainOutcome:
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
     method = cast(Method, model)
     # Several processes (torchrun, or SLURM tasks): each takes its slice of the same global batch, gradients are

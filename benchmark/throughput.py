@@ -3,8 +3,9 @@
 Both paths train the same method, backbone, batch and optimizer for the same number of steps on the same data
 and differ only in how views reach the model:
 - fast: the dataset is uint8 on the device once; each step draws a batch of indices and makes the views there with
-  the batched, per-sample augmentations (`benchmark.augment`); channels_last, bf16 autocast on CUDA; no host
-  synchronisation inside the loop (losses stay on the device and are read once at the end);
+  the batched, per-sample augmentations (`benchmark.augment`); channels_last, bf16 autocast on CUDA, optionally
+  torch.compile (`--compile`); no host synchronisation inside the loop (losses stay on the device and are read
+  once at the end);
 - loader: the reference pipeline of the same views per image with torchvision transforms
   (`benchmark.augment.torchvision_view`) in a `DataLoader` with `--workers` processes, pinned memory and
   non-blocking copies, as lightly / solo-learn / VISSL feed their models.
@@ -29,7 +30,7 @@ from benchmark.data import Splits, load_splits
 from benchmark.device import describe
 from benchmark.errors import SSLBenchError
 from benchmark.optim import build_optimizer
-from benchmark.pretrain import build_method
+from benchmark.pretrain import build_method, compile_parts
 from benchmark.registry import METHODS
 
 
@@ -86,6 +87,7 @@ def _fresh(method: str, cfg: PretrainConfig, splits: Splits, device: torch.devic
 
 def fast_path(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, steps: int, warmup: int) -> PathResult:
     model, opt = _fresh(method, cfg, splits, device)
+    compile_parts(model, cfg.compile)  # compiled during the untimed warm-up steps
     specs: list[ViewSpec] = model.views(splits.image_size)  # type: ignore[operator]
     amp = device.type == "cuda" and cfg.amp
     x = splits.train.x.to(device)  # the whole dataset on the device, uint8
@@ -105,7 +107,8 @@ def fast_path(method: str, cfg: PretrainConfig, splits: Splits, device: torch.de
         losses.append(_step(model, opt, views, i / (warmup + steps), amp))
     _sync(device)
     dt = time.perf_counter() - t0
-    return PathResult("fast", steps * b / dt, dt / steps, steps, _peak(device), float(losses[-1]))
+    name = "fast" if cfg.compile == "none" else f"fast (compile {cfg.compile})"
+    return PathResult(name, steps * b / dt, dt / steps, steps, _peak(device), float(losses[-1]))
 
 
 def loader_path(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, steps: int, warmup: int,
@@ -162,7 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = DataConfig(train_size=args.train_size, image_size=args.image_size)
     splits = load_splits(args.dataset, data)
-    cfg = replace(PretrainConfig(), backbone=args.backbone, batch_size=args.batch_size, optimizer="sgd", lr=0.1)
+    cfg = replace(PretrainConfig(), backbone=args.backbone, batch_size=args.batch_size, optimizer="sgd", lr=0.1,
+                  compile=args.compile)
     fast = fast_path(args.method, cfg, splits, device, args.steps, args.warmup)
     loader = loader_path(args.method, cfg, splits, device, args.steps, args.warmup, args.workers)
     feats = feature_rate(args.method, cfg, splits, device, args.feature_batch)
@@ -175,11 +179,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     head = (f"throughput: {r['method']} on {r['backbone']}, batch {r['batch_size']}, {r['image_size']} px {r['dataset']} "
             f"({r['train_size']} images), {r['device']}, torch {r['torch']}, {r['date']}")
-    lines = [head, f"{'path':<22} {'images/s':>10} {'s/step':>8} {'peak GPU MiB':>13} {'loss':>8}"]
+    lines = [head, f"{'path':<30} {'images/s':>10} {'s/step':>8} {'peak GPU MiB':>13} {'loss':>8}"]
     for key in ("fast", "loader"):
         p = r[key]
         peak = "-" if p["peak_gpu_mib"] is None else f"{p['peak_gpu_mib']:.0f}"
-        lines.append(f"{p['path']:<22} {p['images_per_s']:>10.0f} {p['s_per_step']:>8.4f} {peak:>13} {p['final_loss']:>8.3f}")
+        lines.append(f"{p['path']:<30} {p['images_per_s']:>10.0f} {p['s_per_step']:>8.4f} {peak:>13} {p['final_loss']:>8.3f}")
     lines.append(f"fast / loader: {r['ratio']:.2f}x")
     lines.append(f"feature extraction: {r['features_images_per_s']:.0f} images/s")
     return "\n".join(lines)
@@ -198,6 +202,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=16, help="DataLoader processes of the loader path")
     p.add_argument("--feature-batch", type=int, default=2048)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune",
+                                                          "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the fast path's model (give --warmup enough steps to compile in)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     try:

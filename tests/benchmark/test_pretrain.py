@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +151,43 @@ def test_collapsed_encoder_is_flagged(digits: Splits, tmp_path: Path) -> None:
     out = pretrain(Collapsing(), digits, PretrainConfig(epochs=1, batch_size=64), 0, tmp_path, torch.device("cpu"), progress=False)
     assert out.status == "collapsed"
     assert out.history[-1]["std_l2"] < 0.01 and out.history[-1]["rankme"] < 1.5
+
+
+class Recording(ConvNet):
+    """A backbone that counts its calls, and those that ran compiled (a buffer: no guard, no recompilation)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, (4, 8))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("compiled", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.compiled += int(torch.compiler.is_compiling())
+        return super().forward(x)
+
+
+class Plain(NaNAt):
+    def __init__(self) -> None:
+        super().__init__(at=10**9)
+        self.backbone = Recording()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile (inductor) on CPU needs a C compiler")
+def test_compiled_training_matches_eager_and_hands_back_an_eager_encoder(digits: Splits, tmp_path: Path) -> None:
+    runs = {}
+    for mode in ("none", "default"):
+        torch.manual_seed(0)
+        m = Plain()
+        cfg = PretrainConfig(epochs=1, batch_size=128, lr=0.01, compile=mode)
+        runs[mode] = (pretrain(m, digits, cfg, 0, tmp_path / mode, torch.device("cpu"), progress=False), m)
+    (eager, me), (compiled, mc) = runs["none"], runs["default"]
+    assert me.backbone.compiled == 0 and mc.backbone.compiled == mc.backbone.calls == me.backbone.calls > 0
+    assert compiled.status == "ok" and compiled.steps == eager.steps
+    assert compiled.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=1e-4)
+    we, wc = me.backbone.state_dict(), mc.backbone.state_dict()
+    assert we.keys() == wc.keys()
+    assert all(torch.allclose(we[k], wc[k], atol=1e-5) for k in we if k != "compiled"), "weights drifted"
+    before = (int(mc.backbone.calls), int(mc.backbone.compiled))
+    compiled.encoder(torch.zeros(2, 1, 8, 8))
+    assert (int(mc.backbone.calls), int(mc.backbone.compiled)) == (before[0] + 1, before[1])  # eager for the protocols

@@ -97,6 +97,22 @@ class TimmViT(nn.Module):
         return out
 
 
+def set_drop_path(backbone: nn.Module, rate: float) -> bool:
+    """Stochastic depth on a timm ViT backbone: residual branch i of d dropped with probability rate * i / (d - 1)
+    (timm's and DINO's linear rule). False, changing nothing, for backbones without residual blocks to drop."""
+    blocks = getattr(getattr(backbone, "net", None), "blocks", None)
+    if not isinstance(backbone, TimmViT) or blocks is None:
+        return False
+    from timm.layers import DropPath
+
+    d = len(blocks)
+    for i, blk in enumerate(blocks):
+        p = rate * i / max(1, d - 1)
+        blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+    return True
+
+
 @register_backbone("vit_tiny")
 def vit_tiny(in_channels: int, image_size: int, small_stem: bool) -> nn.Module:
     return TimmViT("vit_tiny_patch16_224", in_channels, image_size, small_stem)

@@ -29,6 +29,12 @@ def nohash(default: Any, **kw: Any) -> Any:
     return field(default=default, metadata={"hash": False}, **kw)
 
 
+def hashed_if_set(default: Any, **kw: Any) -> Any:
+    """A dataclass field added after runs existed: hashed only when it differs from `default`, so that adding it left
+    every earlier run directory and config hash valid."""
+    return field(default=default, metadata={"hash": "if_set"}, **kw)
+
+
 def check(ok: bool, message: str) -> None:
     """Raise `ConfigError(message)` unless `ok`; used in `__post_init__` validators."""
     if not ok:
@@ -72,7 +78,8 @@ class PretrainConfig:
     lr: float = 0.05  # for batch 256, scaled linearly with batch_size (Goyal et al. 2017)
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1)
-    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to `min_lr`
+    min_lr: float = hashed_if_set(0.0)  # the cosine's end (absolute, not scaled with the batch; DINO: 1e-6)
     clip_grad: float = 0.0  # per-parameter gradient-norm clip (DINO's `clip_gradients`); 0: off
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # memory format of model and views (faster convs on CPU and GPU)
@@ -93,6 +100,7 @@ class PretrainConfig:
         check(self.weight_decay >= 0, f"pretrain.weight_decay must be >= 0, got {self.weight_decay}")
         check(self.clip_grad >= 0, f"pretrain.clip_grad must be >= 0, got {self.clip_grad}")
         check(self.warmup_epochs >= 0, f"pretrain.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(0 <= self.min_lr < self.lr, f"pretrain.min_lr must be in [0, lr={self.lr}), got {self.min_lr}")
         check(self.checkpoint_every > 0, "pretrain.checkpoint_every must be > 0")
         check(self.keep_checkpoints >= 2, "pretrain.keep_checkpoints must be >= 2")
         check(self.sync_every >= 0, f"pretrain.sync_every must be >= 0, got {self.sync_every}")
@@ -249,6 +257,8 @@ def to_dict(cfg: Any, semantic_only: bool = False) -> dict[str, Any]:
         if semantic_only and not f.metadata.get("hash", True):
             continue
         v = getattr(cfg, f.name)
+        if semantic_only and f.metadata.get("hash") == "if_set" and v == f.default:
+            continue
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
 

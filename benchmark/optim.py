@@ -102,9 +102,9 @@ def base_lr(cfg: PretrainConfig) -> float:
     return cfg.lr * cfg.batch_size / 256
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up for `warmup` steps, then cosine decay to 0 at `total`."""
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to `floor` at `total` (DINO's `cosine_scheduler`)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))

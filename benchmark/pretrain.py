@@ -204,7 +204,7 @@ def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, 
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = splits.train.y[idx].to(device) if uses_labels else None
             wd = wd_at(step / max(1, total), cfg.weight_decay) if wd_at is not None else None
-            set_hyperparameters(opt, lr_at(step, total, warmup, base_lr(cfg)), base_lr(cfg), wd)
+            set_hyperparameters(opt, lr_at(step, total, warmup, base_lr(cfg), cfg.min_lr), base_lr(cfg), wd)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if uses_indices:
                     loss = method.loss(views, step / max(1, total), labels, indices=idx.to(device))  # type: ignore[call-arg]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec, byol_pair
+from benchmark.backbones import set_drop_path
 from benchmark.config import check
 from benchmark.distributed import all_reduce_mean
 from benchmark.registry import register_method
@@ -46,6 +47,7 @@ class Config:
     global_scale: tuple[float, float] = (0.4, 1.0)  # global-crop area range (official `--global_crops_scale 0.4 1.`; 0.14 1. without local crops)
     local_scale: tuple[float, float] = (0.05, 0.4)  # local-crop area range (official `--local_crops_scale 0.05 0.4`)
     freeze_last_layer: float = 0.01  # fraction of training with a frozen last layer (official: 1 epoch of the default 100)
+    drop_path: float = 0.1  # stochastic depth of a ViT student, linear over the blocks (official `--drop_path_rate 0.1`; the teacher has none); CNNs: none, as official
     evaluate_teacher: bool = True  # protocols read the teacher backbone (official eval_*.py `--checkpoint_key teacher`; paper fig. 6)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class Config:
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             check(0 < lo <= hi <= 1, f"dino.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        check(0 <= self.drop_path < 1, f"dino.drop_path must be in [0, 1), got {self.drop_path}")
         check(0 <= self.freeze_last_layer <= 1, f"dino.freeze_last_layer must be in [0, 1], got {self.freeze_last_layer}")
 
 
@@ -141,10 +144,10 @@ class DINOHead(nn.Module):
 
 
 # Official defaults: AdamW, lr 0.0005 per 256 images, 10 warm-up epochs, weight decay 0.04 on a cosine schedule to 0.4
-# (`weight_decay_at`), per-parameter gradient clipping at norm 3.0 (`--clip_grad`). Not reproduced: min_lr 1e-6 (we
-# decay to 0) and stochastic depth 0.1 in the ViT student.
+# (`weight_decay_at`), per-parameter gradient clipping at norm 3.0 (`--clip_grad`), the learning rate's cosine ending
+# at min_lr 1e-6, stochastic depth 0.1 in a ViT student (`Config.drop_path`).
 @register_method("dino", config=Config,
-                 pretrain=dict(optimizer="adamw", lr=0.0005, weight_decay=0.04, warmup_epochs=10, clip_grad=3.0))
+                 pretrain=dict(optimizer="adamw", lr=0.0005, weight_decay=0.04, warmup_epochs=10, clip_grad=3.0, min_lr=1e-6))
 class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()
@@ -153,6 +156,7 @@ class DINO(nn.Module):
         self.head = DINOHead(backbone.dim, cfg)  # type: ignore[arg-type]
         self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        set_drop_path(self.backbone, cfg.drop_path)  # the student's only (after the teacher's copy)
         self.center: Tensor
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
 

@@ -74,6 +74,16 @@ def test_hash_is_stable_semantic_and_ignores_workers_and_paths() -> None:
     assert config_hash(a) != config_hash({**a, "pretrain": PretrainConfig(lr=0.051)})
 
 
+def test_fields_added_later_keep_earlier_hashes_until_set() -> None:
+    # 06a0ebc0b597: the default pretraining section's hash before `min_lr` existed (sessions 1-4's run directories)
+    assert config_hash({"pretrain": PretrainConfig()}) == "06a0ebc0b597"
+    assert "min_lr" not in to_dict(PretrainConfig(), semantic_only=True)
+    assert to_dict(PretrainConfig(min_lr=1e-6), semantic_only=True)["min_lr"] == 1e-6
+    assert config_hash({"pretrain": PretrainConfig(min_lr=1e-6)}) != "06a0ebc0b597"
+    with pytest.raises(ConfigError, match=r"pretrain.min_lr must be in \[0, lr=0.05\)"):
+        PretrainConfig(min_lr=0.05)
+
+
 def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("knn:\n  k: [1, 2\n")

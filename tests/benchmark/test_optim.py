@@ -60,3 +60,10 @@ def test_clip_per_parameter_bounds_each_gradient_norm_separately() -> None:
     assert float(m.weight.grad.norm()) == pytest.approx(3.0, rel=1e-5)
     assert torch.equal(m.bias.grad, torch.tensor([0.3, 0.4]))
     assert torch.allclose(m.weight.grad / m.weight.grad[0, 0], torch.ones(2, 3))  # direction kept
+
+
+def test_cosine_ends_at_the_floor_after_warm_up() -> None:
+    # DINO's cosine_scheduler: final + 0.5 (base - final)(1 + cos(pi t)) after a linear warm-up
+    assert [lr_at(s, 110, 10, 1.0, 0.1) for s in (0, 9, 10, 60, 110, 200)] == pytest.approx(
+        [0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])
+    assert lr_at(60, 110, 10, 1.0) == pytest.approx(0.5)  # floor 0 by default

@@ -180,6 +180,30 @@ def test_vit_tiny_global_crops_at_16px(digits: Splits) -> None:
     assert torch.isfinite(loss) and model.backbone.net.patch_embed.proj.weight.grad is not None
 
 
+def test_stochastic_depth_in_the_vit_student_only(digits: Splits) -> None:
+    from timm.layers import DropPath
+
+    cfg = Config(out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=0)
+    model = _model(digits, "vit_tiny", cfg)
+    blocks = model.backbone.net.blocks
+    rates = [b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0 for b in blocks]
+    assert rates == pytest.approx([0.1 * i / (len(blocks) - 1) for i in range(len(blocks))])
+    assert all(isinstance(b.drop_path2, DropPath) for b in blocks[1:])
+    assert not any(isinstance(m, DropPath) for m in model.teacher_backbone.modules())
+    assert model.backbone.state_dict().keys() == model.teacher_backbone.state_dict().keys()
+    x = _views(model, digits, n=4)[0]
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model.backbone(x), model.backbone(x))  # branches dropped at random
+        assert torch.equal(model.teacher_backbone(x), model.teacher_backbone(x))
+        model.eval()
+        assert torch.equal(model.backbone(x), model.backbone(x))
+    plain = _model(digits, "vit_tiny", Config(out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local_crops=0, drop_path=0))
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    cnn = _model(digits)  # the official code has none for ResNets
+    assert not any(isinstance(m, DropPath) for m in cnn.modules())
+
+
 def test_loss_falls_within_20_steps_on_real_data(digits: Splits) -> None:
     # With the centre held (center_momentum = 1) and the teacher fixed (momentum 1 at progress 1) the loss is a
     # fixed cross entropy, which SGD must lower. With a moving centre it need not fall on a fixed batch: centring

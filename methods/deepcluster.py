@@ -14,9 +14,11 @@ where the harness differs, the difference is noted inline:
 - the Sobel filter in front of the network is left out: the harness's encoder is the backbone on
   normalised images of the dataset's channels (Sobel would give it 2 input channels), and on 1-channel
   data Sobel's purpose, removing colour, is moot;
-- the official VGG/AlexNet keep two fc layers between the convolutions and the head and cluster their
-  output; here the head and the clustering sit directly on the backbone's pooled features, as in the
-  ResNet ports of DeepCluster (e.g. MMSelfSup's `deepcluster_resnet50`).
+- the official VGG/AlexNet keep two fc layers between the convolutions and the head and cluster the
+  second one's output before its ReLU; `mlp_dim > 0` puts such a pair (without the dropout) between backbone
+  and head, `mlp_dim = 0` (default) puts head and clustering directly on the backbone's pooled features, as
+  the ResNet ports of DeepCluster do (e.g. MMSelfSup's `deepcluster_resnet50`). Either way the protocols
+  evaluate the backbone.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec
-from benchmark.config import check
+from benchmark.config import check, hashed_if_set
 from benchmark.data import Splits
 from benchmark.distributed import all_reduce_sum, rank, world_size
 from benchmark.kmeans import kmeans, training_features
@@ -51,6 +53,8 @@ class Config:
     # the epoch, and its progress scales with |f|^2: official fc7 features are 4096-d, a small ConvNet's 32-128-d.
     head_lr_mult: float = 1.0
     min_scale: float = 0.08  # RandomResizedCrop area lower bound (official: torchvision's default 0.08)
+    # Official VGG/AlexNet: fc6-fc7 (4096 wide) between the convolutions and the head; 0: none (ResNet ports)
+    mlp_dim: int = hashed_if_set(0)
     num_classes: int | None = None  # filled by the runner; only used for the default n_clusters
     num_samples: int | None = None  # filled by the runner with len(splits.train): length of the pseudo-label buffer
 
@@ -62,6 +66,7 @@ class Config:
         check(self.head_init_std > 0, f"deepcluster.head_init_std must be > 0, got {self.head_init_std}")
         check(self.head_lr_mult > 0, f"deepcluster.head_lr_mult must be > 0, got {self.head_lr_mult}")
         check(0 < self.min_scale <= 1, f"deepcluster.min_scale must be in (0, 1], got {self.min_scale}")
+        check(self.mlp_dim >= 0, f"deepcluster.mlp_dim must be >= 0, got {self.mlp_dim}")
         check(self.num_samples is None or self.num_samples >= 1, f"deepcluster.num_samples must be >= 1, got {self.num_samples}")
 
     @property
@@ -124,7 +129,11 @@ class DeepCluster(nn.Module):
         self.backbone = backbone
         dim = int(backbone.dim)  # type: ignore[arg-type]
         check(cfg.num_samples is not None, "deepcluster.num_samples is unset: the runner fills it with len(splits.train)")
-        check(cfg.pca_dim <= dim, f"deepcluster.pca_dim ({cfg.pca_dim}) must be <= the backbone's feature size ({dim})")
+        # the clustered features: the backbone's, or the MLP's second layer before its ReLU (official fc7)
+        self.mlp = nn.Sequential(nn.Linear(dim, cfg.mlp_dim), nn.ReLU(inplace=True), nn.Linear(cfg.mlp_dim, cfg.mlp_dim)) \
+            if cfg.mlp_dim else nn.Identity()
+        dim = cfg.mlp_dim or dim
+        check(cfg.pca_dim <= dim, f"deepcluster.pca_dim ({cfg.pca_dim}) must be <= the clustered feature size ({dim})")
         check(cfg.k <= int(cfg.num_samples), f"deepcluster.n_clusters ({cfg.k}) must be <= num_samples ({cfg.num_samples})")  # type: ignore[arg-type]
         self.head = nn.Linear(dim, cfg.k)
         self.reset_head(torch.Generator().manual_seed(0))
@@ -144,7 +153,7 @@ class DeepCluster(nn.Module):
         gradients) and at a constant lr (official: no schedule), so that late epochs still fit their new head."""
         head = dict(params=list(self.head.parameters()), weight_decay=weight_decay, momentum=0.0, lars=False,
                     fixed_lr=True, lr_mult=self.cfg.head_lr_mult)
-        return [*param_groups(self.backbone, weight_decay), head]
+        return [*param_groups(nn.ModuleList([self.backbone, self.mlp]), weight_decay), head]
 
     @torch.no_grad()
     def reset_head(self, g: torch.Generator) -> None:
@@ -158,7 +167,7 @@ class DeepCluster(nn.Module):
         """Cluster the training set's features and reset the head; deterministic given `seed`."""
         check(len(splits.train) == len(self.pseudo_labels),
               f"deepcluster.num_samples ({len(self.pseudo_labels)}) != training-set size ({len(splits.train)})")
-        x = pca_whiten(training_features(self.backbone, splits, device), self.cfg.pca_dim)
+        x = pca_whiten(training_features(nn.Sequential(self.backbone, self.mlp), splits, device), self.cfg.pca_dim)
         _, labels = kmeans(x, self.cfg.k, self.cfg.kmeans_iters, torch.Generator(device).manual_seed(seed))
         # Every process clusters the same features; rank 0's labels are broadcast so tiny numeric differences
         # between devices cannot give processes different pseudo-classes.
@@ -182,7 +191,9 @@ class DeepCluster(nn.Module):
         if indices is None:
             raise ValueError("deepcluster needs each sample's training-set index: loss(..., indices=) (uses_indices = True)")
         targets = self.pseudo_labels[indices]
-        return deepcluster_loss(self.head(self.backbone(views[0])), targets, self.counts, self.cfg.reweight_pow)
+        z = self.mlp(self.backbone(views[0]))
+        z = F.relu(z) if self.cfg.mlp_dim else z
+        return deepcluster_loss(self.head(z), targets, self.counts, self.cfg.reweight_pow)
 
     def encoder(self) -> nn.Module:
         return self.backbone

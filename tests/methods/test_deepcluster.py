@@ -225,6 +225,28 @@ def test_buffers_gradients_views_and_config(digits: Splits) -> None:
             DeepCluster(ConvNet(1, (8, 16, 32)), bad_cfg)
 
 
+def test_mlp_between_backbone_and_head_is_clustered_before_its_relu(digits: Splits) -> None:
+    digits = _subset(digits, 300)
+    model = _model(digits, Config(n_clusters=10, pca_dim=16, mlp_dim=24))
+    assert model.head.in_features == 24 and model.encoder() is model.backbone
+    seen: list[Tensor] = []
+    model.mlp.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    model.before_epoch(0, digits, CPU, seed=1)
+    (feats,) = seen  # one batch of 300: what was clustered is the second linear layer's output, negatives included
+    assert feats.shape == (300, 24) and (feats < 0).any()
+    views = make_views(digits.train.x[:16], model.views(16), digits.mean, digits.std, torch.Generator().manual_seed(0))
+    model.loss(views, 0.0, indices=torch.arange(16)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mlp.parameters())
+    groups = model.param_groups(1e-5)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # type: ignore[arg-type, misc]
+    with pytest.raises(ConfigError, match="pca_dim"):
+        _model(digits, Config(n_clusters=10, pca_dim=32, mlp_dim=24))
+    with pytest.raises(ConfigError, match="mlp_dim"):
+        Config(mlp_dim=-1)
+    # without the MLP the state-dict names are those of earlier checkpoints
+    assert not any(k.startswith("mlp") for k in _model(digits).state_dict())
+
+
 class _WithIndices(nn.Module):
     """The model with fixed dataset indices passed to loss(), for the shared SGD-steps check."""
 

@@ -9,8 +9,8 @@ and differ only in how views reach the model:
 - loader: the reference pipeline of the same views per image with torchvision transforms
   (`benchmark.augment.torchvision_view`) in a `DataLoader` with `--workers` processes, pinned memory and
   non-blocking copies, as lightly / solo-learn / VISSL feed their models.
-It also reports frozen-feature extraction images/s (inference mode, large batches) and the peak GPU memory of each
-path. The first `--warmup` steps of each path are not timed. On a CPU-only machine the same command runs with small
+It also reports frozen-feature extraction images/s (inference mode, large batches), the peak GPU memory of each
+path, and the seconds of one protocol on the extracted features (`--probe`, default linear@1's 45-point sweep). The first `--warmup` steps of each path are not timed. On a CPU-only machine the same command runs with small
 sizes (CI runs it); its figures then say nothing about a GPU.
 """
 
@@ -31,7 +31,7 @@ from benchmark.device import describe
 from benchmark.errors import SSLBenchError
 from benchmark.optim import build_optimizer
 from benchmark.pretrain import build_method, compile_parts
-from benchmark.registry import METHODS
+from benchmark.registry import METHODS, PROTOCOLS
 
 
 @dataclass
@@ -161,6 +161,26 @@ def feature_rate(method: str, cfg: PretrainConfig, splits: Splits, device: torch
     return len(images) / (time.perf_counter() - t0)
 
 
+def probe_time(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, batch: int, protocol: str) -> dict[str, Any]:
+    """Seconds of one protocol with its default settings (e.g. linear@1's full C sweep) on features already extracted
+    (the same untrained encoder's), and its test top-1: the solver's speed, not the extraction's."""
+    from benchmark.encoder import FrozenEncoder, split_features
+
+    model, _ = _fresh(method, cfg, splits, device)
+    enc = model.encoder()  # type: ignore[operator]
+    fe = FrozenEncoder(enc, int(enc.dim), splits.mean, splits.std, key="throughput", device=device, batch_size=batch)
+    feats = split_features(fe, splits)  # extracted once, then served from the encoder's in-process cache
+    _sync(device)
+    t0 = time.perf_counter()
+    rows = PROTOCOLS.get(protocol)(fe, splits, PROTOCOLS.default_config(protocol), 0)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    top1 = next((r.value for r in rows if r.metric == "top1" and r.split == "test"), None)
+    n = sum(len(f) for f, _ in feats.values())
+    return {"protocol": f"{protocol}@{PROTOCOLS.entry(protocol).meta.get('version', '1')}", "seconds": dt, "features": [n, int(enc.dim)],
+            "test_top1": top1}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = DataConfig(train_size=args.train_size, image_size=args.image_size)
@@ -170,10 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fast = fast_path(args.method, cfg, splits, device, args.steps, args.warmup)
     loader = loader_path(args.method, cfg, splits, device, args.steps, args.warmup, args.workers)
     feats = feature_rate(args.method, cfg, splits, device, args.feature_batch)
+    probe = None if args.probe == "none" else probe_time(args.method, cfg, splits, device, args.feature_batch, args.probe)
     return {"method": args.method, "backbone": args.backbone, "batch_size": args.batch_size, "image_size": splits.image_size,
             "dataset": args.dataset, "train_size": len(splits.train), "device": describe(device),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "fast": asdict(fast), "loader": asdict(loader),
-            "ratio": fast.images_per_s / loader.images_per_s, "features_images_per_s": feats}
+            "ratio": fast.images_per_s / loader.images_per_s, "features_images_per_s": feats, "probe": probe}
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -186,6 +207,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{p['path']:<30} {p['images_per_s']:>10.0f} {p['s_per_step']:>8.4f} {peak:>13} {p['final_loss']:>8.3f}")
     lines.append(f"fast / loader: {r['ratio']:.2f}x")
     lines.append(f"feature extraction: {r['features_images_per_s']:.0f} images/s")
+    if r.get("probe"):
+        pr = r["probe"]
+        n, d = pr["features"]
+        lines.append(f"{pr['protocol']} on {n}x{d} features (untrained encoder): {pr['seconds']:.2f} s, test top-1 {100 * pr['test_top1']:.2f}")
     return "\n".join(lines)
 
 
@@ -202,14 +227,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=16, help="DataLoader processes of the loader path")
     p.add_argument("--feature-batch", type=int, default=2048)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--probe", default="linear", help="a protocol timed on the extracted features (its default settings; "
+                   "linear: the 45-point C sweep), or none")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune",
                                                           "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the fast path's model (give --warmup enough steps to compile in)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    import methods  # noqa: F401  (registers the plugins, as the CLI does)
+    import protocols  # noqa: F401
+
     try:
         if args.method not in METHODS:
             raise SSLBenchError(f"unknown method {args.method!r}; known: {', '.join(METHODS.names())}")
+        if args.probe != "none" and args.probe not in PROTOCOLS:
+            raise SSLBenchError(f"unknown protocol {args.probe!r} for --probe; known: none, {', '.join(PROTOCOLS.names())}")
         report = run(args)
     except SSLBenchError as e:
         print(f"error: {e}")

@@ -26,6 +26,14 @@ def test_throughput_command_small(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert r[key]["peak_gpu_mib"] is None  # CPU
     assert r["ratio"] == pytest.approx(r["fast"]["images_per_s"] / r["loader"]["images_per_s"])
     assert r["features_images_per_s"] > 0 and r["device"].startswith("cpu")
+    probe = r["probe"]  # linear@1's sweep on the untrained encoder's features of the 300-image subset
+    assert probe["protocol"] == "linear@1" and probe["seconds"] > 0 and 0.1 < probe["test_top1"] <= 1
+    assert probe["features"][1] == 32 and "linear@1 on " in text
+
+
+def test_unknown_probe_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--probe", "linearr", "--device", "cpu"]) == 2
+    assert "unknown protocol 'linearr' for --probe" in capsys.readouterr().out
 
 
 def test_unknown_method_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -211,10 +212,19 @@ def voc_ap(gt: DetectionSet, dets: Detections, iou: float = 0.5, use_07_metric: 
         (mean over the classes with at least one non-difficult object, per-class AP with nan for the others).
         The mean is nan when no class has an object.
     """
+    return voc_aps(gt, dets, [iou], use_07_metric)[iou]
+
+
+def voc_aps(gt: DetectionSet, dets: Detections, ious: Sequence[float], use_07_metric: bool = True) -> dict[float, tuple[float, list[float]]]:
+    """`voc_ap` at several IoU thresholds, {iou: (mean, per class)}, matching each class's boxes once for all."""
     _check_aligned(gt, dets)
-    per_class = []
+    per_class: dict[float, list[float]] = {t: [] for t in ious}
     for k in range(len(gt.classes)):
         scores, best_iou, best_gt, hard = _best_overlaps(gt, dets, k)
-        per_class.append(_average_precision(_hits(scores, best_iou, best_gt, hard, iou), int((~hard).sum()), use_07_metric))
-    valid = [a for a in per_class if not math.isnan(a)]
-    return (sum(valid) / len(valid) if valid else math.nan), per_class
+        for t in ious:
+            per_class[t].append(_average_precision(_hits(scores, best_iou, best_gt, hard, t), int((~hard).sum()), use_07_metric))
+    out = {}
+    for t, aps in per_class.items():
+        valid = [a for a in aps if not math.isnan(a)]
+        out[t] = ((sum(valid) / len(valid) if valid else math.nan), aps)
+    return out

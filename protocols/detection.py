@@ -276,10 +276,10 @@ def predict(model: nn.Module, test: DetectionSet, cfg: Config, channels: int, de
 
 def score(test: DetectionSet, dets: Detections) -> dict[str, float]:
     """COCO AP/AP50/AP75/APs/APm/APl and VOC07 11-point AP at 0.5, 0.75 and averaged over 0.5:0.95."""
-    from benchmark.deteval import coco_metrics, voc_ap
+    from benchmark.deteval import coco_metrics, voc_aps
 
     out = dict(coco_metrics(test, dets))
-    per_iou = {t: voc_ap(test, dets, iou=t, use_07_metric=True)[0] for t in [0.5 + 0.05 * i for i in range(10)]}
+    per_iou = {t: ap for t, (ap, _) in voc_aps(test, dets, [0.5 + 0.05 * i for i in range(10)], use_07_metric=True).items()}
     out["voc07_AP50"] = per_iou[0.5]
     out["voc07_AP75"] = per_iou[0.5 + 0.05 * 5]
     out["voc07_AP"] = sum(per_iou.values()) / len(per_iou)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark.detection import Detections, DetectionSet
-from benchmark.deteval import COCO_KEYS, coco_metrics, voc_ap
+from benchmark.deteval import COCO_KEYS, coco_metrics, voc_ap, voc_aps
 
 Box = tuple[float, float, float, float]  # continuous 0-based x1, y1, x2, y2
 BACKGROUND: Box = (40, 40, 50, 50)  # overlaps no ground-truth box in these tests
@@ -223,3 +223,14 @@ def test_order_within_image_does_not_matter() -> None:
     assert voc_ap(MULTI_GT, shuffled) == ap
     assert voc_ap(MULTI_GT, shuffled, use_07_metric=False) == voc_ap(MULTI_GT, dets, use_07_metric=False)
     assert coco_metrics(MULTI_GT, shuffled) == pytest.approx(coco_metrics(MULTI_GT, dets), abs=0, nan_ok=True)
+
+
+def test_several_thresholds_at_once_equal_one_at_a_time_and_fall_with_the_threshold() -> None:
+    dets = _noisy_detections(MULTI_GT, seed=3)
+    ious = [0.5 + 0.05 * i for i in range(10)]
+    many = voc_aps(MULTI_GT, dets, ious)
+    assert list(many) == ious
+    for t in ious:
+        assert many[t] == voc_ap(MULTI_GT, dets, iou=t)
+    means = [many[t][0] for t in ious]
+    assert means == sorted(means, reverse=True) and means[0] > means[-1]

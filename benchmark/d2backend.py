@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmark.data import convert_channels
 from benchmark.detection import Detections, DetectionSet
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_write_bytes
@@ -426,16 +427,11 @@ def detectron2_cfg(variant: str, sd: dict[str, Tensor], *, num_classes: int, mea
 
 
 def _as_channels(image: Tensor, channels: int) -> Tensor:
-    """uint8 (C, H, W) with `channels` channels: grey repeated, RGB -> ITU-R 601 luma (as the torchvision backend)."""
-    c = image.shape[0]
-    if c == channels:
-        return image
-    if c == 1 and channels == 3:
-        return image.expand(3, -1, -1)
-    if c == 3 and channels == 1:
-        luma = (image.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-        return luma.round_().clamp_(0, 255).to(torch.uint8)
-    raise ConfigError(f"cannot feed {c}-channel images to a {channels}-channel ResNet")
+    """uint8 (C, H, W) with `channels` channels (`data.convert_channels`, as the torchvision backend)."""
+    try:
+        return convert_channels(image, channels)
+    except ValueError as e:
+        raise ConfigError(f"{e}: the ResNet takes {channels}-channel images") from None
 
 
 def _dataset_dicts(ds: DetectionSet, include_difficult: bool) -> list[dict[str, Any]]:

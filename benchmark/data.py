@@ -181,6 +181,23 @@ def save_split_file(splits: Splits, path: Path) -> None:
     atomic_write_text(path, json.dumps(info))
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
+
+
+def convert_channels(x: Tensor, channels: int) -> Tensor:
+    """uint8 images (C, H, W) or (N, C, H, W) with `channels` channels: grey repeated, RGB -> ITU-R 601 luma (rounded).
+    Raises ValueError for any other pair."""
+    c = x.shape[-3]
+    if c == channels:
+        return x
+    if c == 1:
+        return x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor(LUMA).view(3, 1, 1)
+        return (x.float() * w).sum(-3, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
 def resize(s: ImageSet, size: int, chunk: int = 1024) -> ImageSet:
     """Bilinear, antialiased, in chunks (a float copy of a whole large set would not fit)."""
     out = torch.empty(len(s), s.x.shape[1], size, size, dtype=torch.uint8)

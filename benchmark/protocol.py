@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from benchmark.config import DataConfig
-from benchmark.data import ImageSet, Splits, load_splits, resize
+from benchmark.data import ImageSet, Splits, convert_channels, load_splits, resize
 from benchmark.io import atomic_write_text
 
 
@@ -61,15 +61,7 @@ def spread(values: list[float] | Tensor) -> Spread:
 
 def to_channels(images: ImageSet, channels: int) -> ImageSet:
     """Grey -> RGB by repeating the channel, RGB -> grey by the ITU-R 601 luma weights."""
-    c = images.x.shape[1]
-    if c == channels:
-        return images
-    if c == 1:
-        return ImageSet(images.x.repeat(1, channels, 1, 1), images.y)
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return ImageSet((images.x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8), images.y)
-    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+    return ImageSet(convert_channels(images.x, channels), images.y)
 
 
 def transfer_splits(name: str, target: Splits, data: DataConfig | None = None) -> Splits:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from benchmark.backbones import stages, torchvision_resnet_state
 from benchmark.config import check, nohash
-from benchmark.data import Splits
+from benchmark.data import Splits, convert_channels
 from benchmark.detection import DETECTION_DATASETS, Detections, DetectionSet, EmbeddedSpec, load_detection
 from benchmark.encoder import Encoder
 from benchmark.protocol import NO_CONTEXT, EvalContext
@@ -187,16 +187,8 @@ def build_faster_rcnn(backbone: nn.Module, in_channels: int, num_classes: int, c
 
 
 def _as_input(image: Tensor, channels: int) -> Tensor:
-    """uint8 (C, H, W) -> float [0, 1] with the encoder's channel count (grey repeated, RGB -> ITU-R 601 luma)."""
-    x = image.float().div_(255)
-    c = x.shape[0]
-    if c == channels:
-        return x
-    if c == 1:
-        return x.expand(channels, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        return (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    raise ValueError(f"cannot feed {c}-channel images to a {channels}-channel encoder")
+    """uint8 (C, H, W) -> float [0, 1] with the encoder's channel count (`data.convert_channels`)."""
+    return convert_channels(image, channels).float().div_(255)
 
 
 def hflip(x: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

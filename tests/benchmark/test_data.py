@@ -86,3 +86,15 @@ def test_idx_header_is_checked(tmp_path: Path) -> None:
 def test_torchvision_datasets_never_download(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="CIFAR10 not found or corrupt"):
         load_raw("cifar10", str(tmp_path))
+
+
+def test_convert_channels_single_and_batched() -> None:
+    from benchmark.data import convert_channels
+
+    rgb = torch.tensor([[[[255]], [[0]], [[0]]], [[[10]], [[20]], [[30]]]], dtype=torch.uint8)  # (2, 3, 1, 1)
+    grey = convert_channels(rgb, 1)
+    assert grey.dtype == torch.uint8 and grey.flatten().tolist() == [76, 18]  # round(0.299*255), round(2.99+11.74+3.42)
+    assert torch.equal(convert_channels(rgb[1], 1), grey[1])  # one (C, H, W) image alike
+    assert torch.equal(convert_channels(grey, 3), grey.repeat(1, 3, 1, 1)) and convert_channels(rgb, 3) is rgb
+    with pytest.raises(ValueError, match="cannot convert 2-channel images to 3 channels"):
+        convert_channels(torch.zeros(2, 4, 4, dtype=torch.uint8), 3)

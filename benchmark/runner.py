@@ -254,6 +254,7 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
     if lead:
         save_split_file(splits, Path(task.out) / "splits" / f"{task.dataset}-{splits.fingerprint}.json")
     t0 = time.perf_counter()
+    sha, dirty = git_info()  # the code that trains (evaluation rows record theirs too: an encoder may be reused)
     model = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed)
     trainable = getattr(model, "trainable", True) and task.pretrain.epochs > 0
     cfg = task.pretrain if trainable else dataclasses.replace(task.pretrain, epochs=0)
@@ -264,7 +265,8 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
             "pretrain_hash": task.pretrain_hash, "attempts": attempts, "steps": outcome.steps,
             "diverged_at": outcome.diverged_at, "last_finite_loss": outcome.last_finite_loss,
             "history": outcome.history, "wall_s": time.perf_counter() - t0, "finished_at": now(),
-            "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0)), "processes": world_size()}
+            "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0)), "processes": world_size(),
+            "git_sha": sha, "git_dirty": dirty, "versions": versions()}
     if outcome.status != "diverged":
         _save_encoder(outcome.encoder, run_dir / "encoder.safetensors")
         meta["encoder_sha256"] = sha256_file(run_dir / "encoder.safetensors")
@@ -383,6 +385,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         "run_id": uuid.uuid4().hex[:12], "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
         "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
         "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "git_sha": sha, "git_dirty": dirty,
+        # the pretraining's code (absent for encoders trained before it was recorded, and for imported checkpoints)
+        "pretrain_git_sha": meta.get("git_sha"), "pretrain_git_dirty": meta.get("git_dirty"),
         "torch": v["torch"], "python": v["python"], "device": describe(device), "attempts": meta.get("attempts"),
         "started_at": started, "status": meta["status"], "flags": "collapsed" if meta["status"] == "collapsed" else "",
         "checkpoint": pt.checkpoint.path if pt.checkpoint else str(Path(pt.run_dir) / "encoder.safetensors"),

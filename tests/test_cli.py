@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from benchmark.registry import METHODS, PROTOCOLS
 from benchmark.results import COLUMNS
@@ -38,6 +39,10 @@ def test_smoke_suite_writes_tables_with_provenance_and_reruns_as_a_no_op(tmp_pat
     assert len(test.groupby(["method", "protocol", "seed", "metric"])) == 2 * 2 * 2 * 2  # top1 + top5
     assert test.value.between(0, 1).all() and (test.status == "ok").all()
     assert df.git_sha.notna().all() and df.config_hash.str.len().eq(12).all()
+    # the pretraining's own code is recorded too (an encoder may be reused by later evaluations)
+    assert df.pretrain_git_sha.notna().all() and (df.pretrain_git_sha == df.git_sha).all()
+    pmeta = json.loads(next((out / "runs").rglob("pretrain.json")).read_text())
+    assert pmeta["git_sha"] == df.git_sha.iloc[0] and pmeta["versions"]["torch"] == torch.__version__
     board = pd.read_csv(out / "leaderboard.csv")
     assert set(board.method) == {"simclr", "random"} and (board.n_seeds == 2).all()
     assert "digits/knn@1/top1" in board.columns and "±" in board["digits/knn@1/top1"].iloc[0]

@@ -10,7 +10,8 @@ and differ only in how views reach the model:
   (`benchmark.augment.torchvision_view`) in a `DataLoader` with `--workers` processes, pinned memory and
   non-blocking copies, as lightly / solo-learn / VISSL feed their models.
 It also reports frozen-feature extraction images/s (inference mode, large batches), the peak GPU memory of each
-path, and the seconds of one protocol on the extracted features (`--probe`, default linear@1's 45-point sweep). The first `--warmup` steps of each path are not timed. On a CPU-only machine the same command runs with small
+path, and the seconds of one protocol on the extracted features (`--probe`, default linear@1's 45-point sweep).
+The first `--warmup` steps of each path are not timed. On a CPU-only machine the same command runs with small
 sizes (CI runs it); its figures then say nothing about a GPU.
 """
 
@@ -26,8 +27,9 @@ from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec, make_views, torchvision_view
 from benchmark.config import DataConfig, PretrainConfig
-from benchmark.data import Splits, load_splits
+from benchmark.data import ImageSet, Splits, load_splits
 from benchmark.device import describe
+from benchmark.encoder import FrozenEncoder, extract_features, split_features
 from benchmark.errors import SSLBenchError
 from benchmark.optim import build_optimizer
 from benchmark.pretrain import build_method, compile_parts
@@ -143,42 +145,38 @@ def loader_path(method: str, cfg: PretrainConfig, splits: Splits, device: torch.
     return PathResult(f"loader ({workers} workers)", steps * cfg.batch_size / dt, dt / steps, steps, _peak(device), float(loss))
 
 
-@torch.inference_mode()
-def feature_rate(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, batch: int) -> float:
-    """Frozen-feature extraction images/s over the whole train split (uint8 already on the device)."""
-    from benchmark.data import ImageSet
-    from benchmark.encoder import FrozenEncoder, extract_features
-
+def frozen_encoder(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, batch: int) -> FrozenEncoder:
+    """The method's (untrained) encoder, frozen, on `device`: what feature extraction and the probe time."""
     model, _ = _fresh(method, cfg, splits, device)
     enc = model.encoder()  # type: ignore[operator]
-    fe = FrozenEncoder(enc, int(enc.dim), splits.mean, splits.std, key="throughput", device=device, batch_size=batch)
-    images = ImageSet(splits.train.x.to(device), splits.train.y)
-    extract_features(fe, ImageSet(images.x[:batch], images.y[:batch]))  # warm-up
-    _sync(device)
+    return FrozenEncoder(enc, int(enc.dim), splits.mean, splits.std, key="throughput", device=device, batch_size=batch)
+
+
+@torch.inference_mode()
+def feature_rate(fe: FrozenEncoder, splits: Splits) -> float:
+    """Frozen-feature extraction images/s over the whole train split (uint8 already on the device)."""
+    images = ImageSet(splits.train.x.to(fe.device), splits.train.y)
+    extract_features(fe, ImageSet(images.x[: fe.batch_size], images.y[: fe.batch_size]))  # warm-up
+    _sync(fe.device)
     t0 = time.perf_counter()
     extract_features(fe, images)
-    _sync(device)
+    _sync(fe.device)
     return len(images) / (time.perf_counter() - t0)
 
 
-def probe_time(method: str, cfg: PretrainConfig, splits: Splits, device: torch.device, batch: int, protocol: str) -> dict[str, Any]:
-    """Seconds of one protocol with its default settings (e.g. linear@1's full C sweep) on features already extracted
-    (the same untrained encoder's), and its test top-1: the solver's speed, not the extraction's."""
-    from benchmark.encoder import FrozenEncoder, split_features
-
-    model, _ = _fresh(method, cfg, splits, device)
-    enc = model.encoder()  # type: ignore[operator]
-    fe = FrozenEncoder(enc, int(enc.dim), splits.mean, splits.std, key="throughput", device=device, batch_size=batch)
+def probe_time(fe: FrozenEncoder, splits: Splits, protocol: str) -> dict[str, Any]:
+    """Seconds of one protocol with its default settings (e.g. linear@1's full C sweep) on features already extracted,
+    and its test top-1: the solver's speed, not the extraction's."""
     feats = split_features(fe, splits)  # extracted once, then served from the encoder's in-process cache
-    _sync(device)
+    _sync(fe.device)
     t0 = time.perf_counter()
     rows = PROTOCOLS.get(protocol)(fe, splits, PROTOCOLS.default_config(protocol), 0)
-    _sync(device)
+    _sync(fe.device)
     dt = time.perf_counter() - t0
     top1 = next((r.value for r in rows if r.metric == "top1" and r.split == "test"), None)
     n = sum(len(f) for f, _ in feats.values())
-    return {"protocol": f"{protocol}@{PROTOCOLS.entry(protocol).meta.get('version', '1')}", "seconds": dt, "features": [n, int(enc.dim)],
-            "test_top1": top1}
+    return {"protocol": f"{protocol}@{PROTOCOLS.entry(protocol).meta.get('version', '1')}", "seconds": dt,
+            "features": [n, fe.dim], "test_top1": top1}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,8 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   compile=args.compile)
     fast = fast_path(args.method, cfg, splits, device, args.steps, args.warmup)
     loader = loader_path(args.method, cfg, splits, device, args.steps, args.warmup, args.workers)
-    feats = feature_rate(args.method, cfg, splits, device, args.feature_batch)
-    probe = None if args.probe == "none" else probe_time(args.method, cfg, splits, device, args.feature_batch, args.probe)
+    fe = frozen_encoder(args.method, cfg, splits, device, args.feature_batch)
+    feats = feature_rate(fe, splits)
+    probe = None if args.probe == "none" else probe_time(fe, splits, args.probe)
     return {"method": args.method, "backbone": args.backbone, "batch_size": args.batch_size, "image_size": splits.image_size,
             "dataset": args.dataset, "train_size": len(splits.train), "device": describe(device),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "fast": asdict(fast), "loader": asdict(loader),

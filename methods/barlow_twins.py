@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.augment import ViewSpec, byol_pair
-from benchmark.config import check
+from benchmark.config import check, hashed_if_set
 from benchmark.distributed import gather_with_grad
 from benchmark.heads import mlp_stack
 from benchmark.optim import param_groups
@@ -27,12 +27,16 @@ class Config:
     proj_dims: tuple[int, ...] = (8192, 8192, 8192)  # projector widths; the last is D of the D x D matrix (`--projector 8192-8192-8192`)
     lambd: float = 0.0051  # off-diagonal weight (code `--lambd 0.0051`; paper sec. 2 says 5e-3)
     min_scale: float = 0.08  # smallest random-resized-crop area (torchvision default, as the code)
+    # lr of biases and BN parameters relative to the weights'; None: official 0.0048 / 0.2, which is relative to
+    # LARS-adapted weights (a suite that trains with plain SGD may set 1)
+    bias_lr_mult: float | None = hashed_if_set(None)
 
     def __post_init__(self) -> None:
         check(len(self.proj_dims) >= 1 and all(d > 0 for d in self.proj_dims),
               f"barlow_twins.proj_dims must be one or more positive widths, got {self.proj_dims}")
         check(self.lambd >= 0, f"barlow_twins.lambd must be >= 0, got {self.lambd}")
         check(0 < self.min_scale <= 1, f"barlow_twins.min_scale must be in (0, 1], got {self.min_scale}")
+        check(self.bias_lr_mult is None or self.bias_lr_mult > 0, f"barlow_twins.bias_lr_mult must be > 0, got {self.bias_lr_mult}")
 
 
 def _standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
@@ -87,9 +91,10 @@ class BarlowTwins(nn.Module):
         return byol_pair(image_size, (self.cfg.min_scale, 1.0))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Biases and BN parameters: no decay, no LARS adaptation, lr x 0.0048 / 0.2 (official `main.py`)."""
+        """Biases and BN parameters: no decay, no LARS adaptation, lr x 0.0048 / 0.2 (official `main.py`) or x bias_lr_mult."""
         decay, no_decay = param_groups(self, weight_decay)
-        return [decay, {**no_decay, "lr_mult": BIAS_LR / WEIGHT_LR}]
+        mult = BIAS_LR / WEIGHT_LR if self.cfg.bias_lr_mult is None else self.cfg.bias_lr_mult
+        return [decay, {**no_decay, "lr_mult": mult}]
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
         """views: two (B, C, H, W) crops; progress is unused (Barlow Twins has no schedule)."""

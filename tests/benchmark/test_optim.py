@@ -3,6 +3,8 @@ bias lr, DINO's weight-decay schedule and per-parameter gradient clipping."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -40,6 +42,10 @@ def test_barlow_twins_biases_and_bn_use_the_bias_lr_without_lars(digits: Splits)
     assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in biases["params"])
     assert (weights["lr"], weights["lars"], weights["weight_decay"]) == (0.2, True, 1.5e-6)
     assert biases["lr"] == pytest.approx(0.0048) and biases["lars"] is False and biases["weight_decay"] == 0.0
+    model.cfg = dataclasses.replace(model.cfg, bias_lr_mult=1.0)  # a plain-SGD suite: biases at the weights' lr
+    opt = build_optimizer(model, PretrainConfig(optimizer="sgd", lr=0.1))
+    set_hyperparameters(opt, 0.1, 0.1, None)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.1])
 
 
 def test_dino_weight_decay_rises_on_a_cosine_for_decayed_groups_only(digits: Splits) -> None:

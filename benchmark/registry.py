@@ -62,6 +62,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
+    def version(self, name: str) -> str:
+        """The registered `version` (protocols: part of each result's key), "1" when none was declared."""
+        return str(self.entry(name).meta.get("version", "1"))
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

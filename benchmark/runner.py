@@ -196,7 +196,7 @@ def _eval_tasks(req: Request, pt: PretrainTask, splits: Any, eval_cfg: C.EvalCon
             able = ", ".join(n for n in PROTOCOLS.names() if PROTOCOLS.entry(n).meta.get("multilabel", False))
             raise ConfigError(f"dataset {pt.dataset!r} is multi-label; protocol {protocol!r} needs one label per image "
                               f"(multi-label protocols: {able or 'none'})")
-        version = str(pentry.meta.get("version", "1"))
+        version = PROTOCOLS.version(protocol)
         p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), req.overrides.get(protocol, {}), protocol),
                                 splits.num_classes)
         # a cell is (method or checkpoint, protocol@version, dataset, seed, resolved config, checkpoint sha256)

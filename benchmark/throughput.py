@@ -175,7 +175,7 @@ def probe_time(fe: FrozenEncoder, splits: Splits, protocol: str) -> dict[str, An
     dt = time.perf_counter() - t0
     top1 = next((r.value for r in rows if r.metric == "top1" and r.split == "test"), None)
     n = sum(len(f) for f, _ in feats.values())
-    return {"protocol": f"{protocol}@{PROTOCOLS.entry(protocol).meta.get('version', '1')}", "seconds": dt,
+    return {"protocol": f"{protocol}@{PROTOCOLS.version(protocol)}", "seconds": dt,
             "features": [n, fe.dim], "test_top1": top1}
 
 

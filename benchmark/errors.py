@@ -11,6 +11,11 @@ class ConfigError(SSLBenchError, ValueError):
     """A bad name, key, type or value in the configuration."""
 
 
+class PluginError(SSLBenchError, ValueError):
+    """A plugin registers itself wrongly: a malformed or duplicate name, a config that is not a dataclass, an
+    unknown registration key."""
+
+
 class DatasetError(SSLBenchError):
     """A dataset is missing, empty or corrupt."""
 

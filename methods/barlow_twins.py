@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check, hashed_if_set
-from benchmark.distributed import gather_with_grad
-from benchmark.heads import mlp_stack
-from benchmark.optim import param_groups
+from benchmark.data.augment import ViewSpec, byol_pair
 from benchmark.registry import register_method
+from benchmark.train.distributed import gather_with_grad
+from benchmark.train.heads import mlp_stack
+from benchmark.train.optim import param_groups
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
-from benchmark.heads import mlp
+from benchmark.data.augment import ViewSpec, byol_pair
 from benchmark.registry import register_method
-from benchmark.schedules import momentum_at
+from benchmark.train.heads import mlp
+from benchmark.train.schedules import momentum_at
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.backbones import first_conv
-from benchmark.colour import rgb_to_lab
 from benchmark.config import check
-from benchmark.distributed import gather_with_grad, rank
+from benchmark.data.augment import ViewSpec
+from benchmark.data.colour import rgb_to_lab
 from benchmark.registry import register_method
+from benchmark.train.distributed import gather_with_grad, rank
 
 # Lab is normalised per channel to about [-1, 1] with the official constants (train_CMC.py): L in [0, 100],
 # a and b over their extremes on the sRGB cube (green/magenta for a, blue/yellow for b).

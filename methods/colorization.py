@@ -55,14 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.backbones import first_conv
-from benchmark.colour import rgb_to_lab
 from benchmark.config import check
+from benchmark.data.augment import ViewSpec
+from benchmark.data.colour import rgb_to_lab
 from benchmark.errors import NotApplicable
 from benchmark.registry import register_method
 
-LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luma, as torchvision's Grayscale and benchmark.augment
+LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luma, as torchvision's Grayscale and benchmark.data.augment
 AB_EXTENT = 110.0  # the official ab range, [-110, 110]^2
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # until before_epoch reads the data's
 BASE_GRID = 4  # side of the decoder's first spatial grid

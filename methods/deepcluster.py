@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check, hashed_if_set
-from benchmark.data import Splits
-from benchmark.distributed import all_reduce_sum, rank, world_size
-from benchmark.kmeans import kmeans, training_features
-from benchmark.optim import param_groups
+from benchmark.data.augment import ViewSpec
+from benchmark.data.sets import Splits
 from benchmark.registry import register_method
+from benchmark.train.distributed import all_reduce_sum, rank, world_size
+from benchmark.train.kmeans import kmeans, training_features
+from benchmark.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 

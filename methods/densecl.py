@@ -28,12 +28,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, moco_v2_pair
 from benchmark.backbones import ConvNet, TimmViT, TorchvisionResNet
 from benchmark.config import check
-from benchmark.distributed import gather, is_distributed, rank
+from benchmark.data.augment import ViewSpec, moco_v2_pair
 from benchmark.errors import ConfigError
 from benchmark.registry import register_method
+from benchmark.train.distributed import gather, is_distributed, rank
 from methods.mocov2 import moco_infonce
 
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, byol_pair
 from benchmark.backbones import set_drop_path
 from benchmark.config import check
-from benchmark.distributed import all_reduce_mean
+from benchmark.data.augment import ViewSpec, byol_pair
 from benchmark.registry import register_method
-from benchmark.schedules import cosine_ramp, momentum_at
+from benchmark.train.distributed import all_reduce_mean
+from benchmark.train.schedules import cosine_ramp, momentum_at
 
 N_GLOBAL = 2  # global crops, the only ones the teacher sees (official DataAugmentationDINO)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.distributed import all_reduce_mean
-from benchmark.heads import mlp
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
-from benchmark.schedules import momentum_at
+from benchmark.train.distributed import all_reduce_mean
+from benchmark.train.heads import mlp
+from benchmark.train.schedules import momentum_at
 from methods.byol import byol_loss
 
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
 
 START = 4  # side of the decoder's first map (official: a 4x4 transposed conv on the 1x1 bottleneck)

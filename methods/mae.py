@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
+from benchmark.data.augment import ViewSpec
 from benchmark.errors import ConfigError
 from benchmark.registry import register_method
 

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.distributed import all_reduce_mean, gather
+from benchmark.data.augment import ViewSpec
 from benchmark.errors import ConfigError
 from benchmark.registry import register_method
+from benchmark.train.distributed import all_reduce_mean, gather
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.data import Splits
-from benchmark.distributed import all_reduce_sum, rank
-from benchmark.kmeans import assign, kmeans, training_features
+from benchmark.data.augment import ViewSpec
+from benchmark.data.sets import Splits
 from benchmark.registry import register_method
+from benchmark.train.distributed import all_reduce_sum, rank
+from benchmark.train.kmeans import assign, kmeans, training_features
 from methods import mocov2
 from methods.mocov2 import MoCoV2, moco_infonce
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
 
 

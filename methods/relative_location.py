@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
 
 GRID = 3  # patches per side: one patch and its 8 neighbours

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.heads import mlp
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
+from benchmark.train.heads import mlp
 
 N_ROTATIONS = 4  # 0, 90, 180, 270 degrees: the paper's best setting (table 2) and the official code
 

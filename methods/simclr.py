@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.distributed import gather_with_grad, rank
-from benchmark.heads import mlp
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
+from benchmark.train.distributed import gather_with_grad, rank
+from benchmark.train.heads import mlp
 
 
 @dataclass(frozen=True)

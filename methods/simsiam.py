@@ -18,11 +18,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, moco_v2_pair
 from benchmark.config import check
-from benchmark.heads import mlp
-from benchmark.optim import param_groups
+from benchmark.data.augment import ViewSpec, moco_v2_pair
 from benchmark.registry import register_method
+from benchmark.train.heads import mlp
+from benchmark.train.optim import param_groups
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
 
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.config import check
-from benchmark.distributed import all_reduce_sum, world_size
-from benchmark.heads import mlp
+from benchmark.data.augment import ViewSpec
 from benchmark.registry import register_method
+from benchmark.train.distributed import all_reduce_sum, world_size
+from benchmark.train.heads import mlp
 
 N_ASSIGN = 2  # crops_for_assign = [0, 1]: codes come from the two global crops (official default)
 

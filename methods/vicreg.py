@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, byol_pair
 from benchmark.config import check
-from benchmark.distributed import gather_with_grad
-from benchmark.heads import mlp_stack
+from benchmark.data.augment import ViewSpec, byol_pair
 from benchmark.registry import register_method
+from benchmark.train.distributed import gather_with_grad
+from benchmark.train.heads import mlp_stack
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,6 @@
-"""Protocol plugins: one import per plugin, sorted. Importing registers them."""
+"""Protocol plugins: one file per protocol. Every module in this folder (and in `<DIR>/protocols/` for each DIR in
+`$SSLBENCH_PLUGINS` or `--plugins`) is imported here, which registers it; there is no list to edit."""
 
-from protocols import detection as detection
-from protocols import fewshot as fewshot
-from protocols import finetune as finetune
-from protocols import knn as knn
-from protocols import linear as linear
-from protocols import linear_sgd as linear_sgd
-from protocols import lowshot_svm as lowshot_svm
-from protocols import semisup as semisup
-from protocols import svm as svm
+from benchmark.registry import discover
+
+discover(__name__, __path__)

@@ -1,7 +1,7 @@
 """Detection transfer: fine-tune a Faster R-CNN on the encoder's backbone, report COCO AP and VOC07 AP.
 
 The recipe is MoCo's VOC protocol (He et al. 2020, https://arxiv.org/abs/1911.05722; github.com/facebookresearch/
-moco `detection/configs/pascal_voc_R_50_C4_24k_moco.yaml` on `Base-RCNN-C4-BN.yaml`; PROTOCOLS.md 4.9): Faster
+moco `detection/configs/pascal_voc_R_50_C4_24k_moco.yaml` on `Base-RCNN-C4-BN.yaml`; docs/protocols.md#detection): Faster
 R-CNN with a C4 head (the backbone up to its second-to-last stage, the last stage as the RoI head), BN trained in
 backbone and head, nothing frozen, SGD momentum 0.9, lr 0.02, batch 16, 24k iterations, x0.1 at 18k and 22k,
 100 linear warm-up iterations, weight decay 1e-4, train min size 480..800 step 32, test 800, flip.
@@ -11,16 +11,16 @@ Two backends behind the same rows:
   C4 (RoIAlign 14x14 -> last stage -> average pool, as Detectron2's Res5ROIHeads) or FPN (a pyramid over every
   stage after the first, two-MLP box head). Runs on any machine and any stage-wise backbone (convnet, ResNets).
 - `detectron2`: the reference. The ResNet is converted to Detectron2's names and trained with Detectron2 itself on
-  a named recipe (`variant`; `benchmark.d2backend`). Detectron2 has no PyPI release: install it from its source
+  a named recipe (`variant`; `benchmark.evaluate.detection.d2backend`). Detectron2 has no PyPI release: install it from its source
   repository (https://github.com/facebookresearch/detectron2, INSTALL.md). `auto` takes it when it is importable
   and the backbone is a 7x7-stem ResNet, else torchvision; the backend used is in every row (`extra`).
 
-Both backends' detections are scored by the same evaluators (`benchmark.deteval`): COCO AP / AP50 / AP75 (and
+Both backends' detections are scored by the same evaluators (`benchmark.evaluate.detection.deteval`): COCO AP / AP50 / AP75 (and
 by size) through pycocotools, and the VOC07 11-point AP at IoU 0.5 (`voc07_AP50`, the number in MoCo's VOC
 tables) plus its mean over IoU 0.5:0.95 (`voc07_AP`) and at 0.75 (`voc07_AP75`), as Detectron2's Pascal VOC
 evaluator reports them.
 
-Data: `fmnist_det` (embedded: Fashion-MNIST items on 128 px canvases, `benchmark.detection`), `voc07`,
+Data: `fmnist_det` (embedded: Fashion-MNIST items on 128 px canvases, `benchmark.data.detection`), `voc07`,
 `voc0712` (MoCo's train set) or `coco`, from local folders. Images are converted to the encoder's channel count
 (grey -> repeated, RGB -> luma) and normalised with the encoder's mean/std. Nothing is selected on the test set:
 the recipe is fixed, so there is no val row. Differences from MoCo: one process (BN, not synchronised BN), no
@@ -42,12 +42,12 @@ from tqdm import tqdm
 
 from benchmark.backbones import stages, torchvision_resnet_state
 from benchmark.config import check, nohash
-from benchmark.data import Splits, convert_channels
-from benchmark.detection import DETECTION_DATASETS, Detections, DetectionSet, EmbeddedSpec, load_detection
-from benchmark.encoder import Encoder
-from benchmark.protocol import NO_CONTEXT, EvalContext
+from benchmark.data.detection import DETECTION_DATASETS, Detections, DetectionSet, EmbeddedSpec, load_detection
+from benchmark.data.sets import Splits, convert_channels
+from benchmark.evaluate.encoder import Encoder
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 __all__ = ["Config", "build_faster_rcnn", "detection", "hflip", "predict", "score", "train_detector"]
 
@@ -268,7 +268,7 @@ def predict(model: nn.Module, test: DetectionSet, cfg: Config, channels: int, de
 
 def score(test: DetectionSet, dets: Detections) -> dict[str, float]:
     """COCO AP/AP50/AP75/APs/APm/APl and VOC07 11-point AP at 0.5, 0.75 and averaged over 0.5:0.95."""
-    from benchmark.deteval import coco_metrics, voc_aps
+    from benchmark.evaluate.detection.deteval import coco_metrics, voc_aps
 
     out = dict(coco_metrics(test, dets))
     per_iou = {t: ap for t, (ap, _) in voc_aps(test, dets, [0.5 + 0.05 * i for i in range(10)], use_07_metric=True).items()}
@@ -304,7 +304,7 @@ def detection(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalC
     backend = _backend(cfg, backbone)
     voc_difficult = cfg.dataset.startswith("voc")  # VOC difficult boxes are trained on, COCO crowd boxes are not
     if backend == "detectron2":
-        from benchmark import d2backend
+        from benchmark.evaluate.detection import d2backend
 
         state = torchvision_resnet_state(backbone)
         if state is None:

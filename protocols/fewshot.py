@@ -1,6 +1,6 @@
 """Few-shot transfer: N-way K-shot episodes with a prototypical classifier on frozen features.
 
-The ssl-transfer protocol (PROTOCOLS.md 4.7; Ericsson et al. 2021, https://arxiv.org/abs/2011.13377,
+The ssl-transfer protocol (docs/protocols.md#few-shot; Ericsson et al. 2021, https://arxiv.org/abs/2011.13377,
 `few_shot.py` in https://github.com/linusericsson/ssl-transfer), with the classifier of Prototypical
 Networks (Snell et al. 2017, https://arxiv.org/abs/1703.05175) and the 5/20/50 shots of CD-FSL (Guo et
 al. 2020, https://arxiv.org/abs/1912.07200). On a transfer dataset (not the pretraining one) each
@@ -26,12 +26,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from benchmark.config import DataConfig, check, nohash
-from benchmark.data import Splits
-from benchmark.encoder import Encoder, extract_features
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.protocol import NO_CONTEXT, EvalContext, spread, transfer_splits
+from benchmark.evaluate.encoder import Encoder, extract_features
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, spread, transfer_splits
 from benchmark.registry import DATASETS, register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 __all__ = ["Config", "episode_accuracies", "episode_generator", "fewshot", "proto_scores", "run_episodes", "sample_episodes"]
 

@@ -1,6 +1,6 @@
 """Full fine-tuning: the whole encoder plus a linear head trained on all train labels (the ceiling of `semisup`).
 
-The machinery of protocols/semisup.py (PROTOCOLS.md 4.6) on 100% of `data.train`: a trainable copy of the
+The machinery of protocols/semisup.py (docs/protocols.md#semi-supervised) on 100% of `data.train`: a trainable copy of the
 encoder and a linear head are fine-tuned with random resized crop + flip; every lr x head-lr multiplier is
 scored on the val split and the best one is tested once (no refit on train + val). Default = VISSL
 `fulltune/imagenet1k/eval_resnet_8gpu_transfer_in1k_fulltune.yaml`: SGD Nesterov m=0.9, lr 0.1 x batch/256,
@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from benchmark.config import check
-from benchmark.data import Splits
-from benchmark.encoder import Encoder
-from benchmark.protocol import NO_CONTEXT, EvalContext
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import Encoder
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 from protocols.semisup import Tuning, finetune_rows
 
 __all__ = ["Config", "finetune"]

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmark.config import check
-from benchmark.data import Splits
-from benchmark.encoder import Encoder, split_features
-from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import Encoder, split_features
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 __all__ = ["Config", "InstDiscConfig", "knn", "knn_predict", "topk_accuracy"]
 

@@ -1,6 +1,6 @@
 """Linear probe: multinomial logistic regression on frozen features, L2 strength chosen on val.
 
-The ssl-transfer / DINOv2 protocol (PROTOCOLS.md 4.5): C = 1/wd over wd in logspace(-6, 5, 45),
+The ssl-transfer / DINOv2 protocol (docs/protocols.md#logistic-regression): C = 1/wd over wd in logspace(-6, 5, 45),
 each fit on train and scored on the held-out val split, the best C refit on train + val, and the
 test split touched once. The objective is scikit-learn's (mean cross entropy + ||W||² / (2 C n),
 bias not penalised), solved full-batch with L-BFGS in torch so that it runs on the encoder's device.
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmark.config import check
-from benchmark.data import Splits
-from benchmark.encoder import Encoder, split_features
-from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import Encoder, split_features
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 
 @dataclass(frozen=True)

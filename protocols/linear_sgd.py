@@ -1,4 +1,4 @@
-"""Linear probe trained with SGD and augmentation on a frozen backbone: the MoCo/SimCLR recipe (PROTOCOLS.md 4.3).
+"""Linear probe trained with SGD and augmentation on a frozen backbone: the MoCo/SimCLR recipe (docs/protocols.md#linear-probe).
 
 A linear head (N(0, 0.01), bias 0: MoCo `main_lincls.py`) learns on a frozen copy of the encoder kept in eval
 mode (BN statistics never move) from random resized crops + flips; tests see the plain image. Default: SimCLR
@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import check
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import Encoder
-from benchmark.finetune import Classifier, Recipe, predict, train_classifier
-from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.data.sets import ImageSet, Splits
+from benchmark.evaluate.encoder import Encoder
+from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 __all__ = ["Config", "MoCoConfig", "fit", "linear_sgd", "make_head", "recipe"]
 

@@ -1,4 +1,4 @@
-"""Low-shot linear SVMs on frozen features: Goyal et al. 2019's VOC07 / Places205 low-shot protocol (PROTOCOLS.md 4.2).
+"""Low-shot linear SVMs on frozen features: Goyal et al. 2019's VOC07 / Places205 low-shot protocol (docs/protocols.md#lowshot-svm).
 
 Goyal et al., ICCV 2019, https://arxiv.org/abs/1905.01235; code: fair_self_supervision_benchmark
 `extra_scripts/create_{voc,places}_low_shot_samples.py`, `tools/svm/{train,test}_svm_low_shot.py`,
@@ -25,11 +25,11 @@ import torch
 from tqdm import tqdm
 
 from benchmark.config import check
-from benchmark.data import Splits
-from benchmark.encoder import Encoder, split_features
-from benchmark.protocol import NO_CONTEXT, EvalContext, save_subset_file, spread
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import Encoder, split_features
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, save_subset_file, spread
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 from protocols import svm as svm_protocol
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Semi-supervised fine-tuning: the whole encoder plus a linear head trained on 1% and 10% of the labels.
 
-PROTOCOLS.md 4.6. Per fraction, a class-balanced subset of `data.train` (at least one image per class) is
+docs/protocols.md#semi-supervised. Per fraction, a class-balanced subset of `data.train` (at least one image per class) is
 drawn once with `subset_seed` (not the run seed) and saved to out/splits, so every method sees the same
 images; or it is read from `subset_files` (our JSON, {"ids": [...]} indexing data.train). SimCLR's ImageNet
 lists (`imagenet_subsets/1percent.txt`) name files and need a dataset that keeps file names, which the
@@ -30,13 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import check
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import Encoder
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError
-from benchmark.finetune import Classifier, Recipe, predict, train_classifier
-from benchmark.protocol import NO_CONTEXT, EvalContext, class_balanced_fraction, save_subset_file, topk_accuracy
+from benchmark.evaluate.encoder import Encoder
+from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, class_balanced_fraction, save_subset_file, topk_accuracy
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 __all__ = ["Config", "MMSelfSupConfig", "SimCLRConfig", "Tuning", "finetune_rows", "label_subset", "linear_head",
            "pct_tag", "read_subset_file", "semisup"]
@@ -106,7 +106,7 @@ class Config(Tuning):
 
 @dataclass(frozen=True)
 class SimCLRConfig(Config):
-    """SimCLR v1 appendix B.5 with SGD (LARS is SimCLRv2's and not in benchmark/finetune.py)."""
+    """SimCLR v1 appendix B.5 with SGD (LARS is SimCLRv2's and not in benchmark/evaluate/finetune.py)."""
 
     epochs: tuple[int, ...] = (60, 30)  # 1%: 60, 10%: 30
     batch_size: int = 4096

@@ -1,4 +1,4 @@
-"""Linear SVMs on frozen features: the VOC07 protocol of Goyal et al. 2019 as VISSL runs it (PROTOCOLS.md 4.1).
+"""Linear SVMs on frozen features: the VOC07 protocol of Goyal et al. 2019 as VISSL runs it (docs/protocols.md#svm).
 
 Goyal, Mahajan, Gupta, Misra, "Scaling and Benchmarking Self-Supervised Visual Representation Learning",
 ICCV 2019, https://arxiv.org/abs/1905.01235; code: facebookresearch/fair_self_supervision_benchmark
@@ -25,11 +25,11 @@ import torch
 from joblib import Parallel, delayed
 
 from benchmark.config import check, nohash
-from benchmark.data import Splits
-from benchmark.encoder import Encoder, split_features
-from benchmark.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import Encoder, split_features
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
-from benchmark.results import Row
+from benchmark.store.results import Row
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmark.suites  # noqa: F401  (registers the named suites)
+import benchmark.run.suites  # noqa: F401  (registers the named suites)
 import methods  # noqa: F401
 import protocols  # noqa: F401
 from benchmark.config import DataConfig, PretrainConfig
-from benchmark.data import Splits, load_splits
+from benchmark.data.datasets import load_splits
+from benchmark.data.sets import Splits
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import torchvision
 
-from benchmark.importers import import_encoder
+from benchmark.store.importers import import_encoder
 from tests.conftest import run_cli
 
 GRID = ["--suite", "smoke", "--datasets", "digits", "--protocols", "knn", "--set", "data.image_size=16"]
@@ -29,7 +29,7 @@ def test_a_checkpoint_is_a_leaderboard_row_and_a_changed_file_invalidates_only_i
     rows = df[(df.split == "test") & (df.metric == "top1")].set_index("method")
     assert sorted(rows.index) == ["tv_a", "tv_b"] and rows.value.between(0.5, 1).all()
     assert rows.loc["tv_a", "checkpoint"] == str(a) and rows.loc["tv_a", "backbone"] == "resnet18"
-    from benchmark.checkpoints import sha256_file
+    from benchmark.store.checkpoints import sha256_file
 
     assert rows.loc["tv_a", "checkpoint_sha256"] == sha256_file(a)
     _resnet18(b, 2)  # b's weights change: only b's cell reruns

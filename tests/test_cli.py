@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark.registry import METHODS, PROTOCOLS
-from benchmark.results import COLUMNS
+from benchmark.store.results import COLUMNS
 from tests.conftest import run_cli
 
 REQUIRED = ["method", "protocol", "protocol_version", "dataset", "split", "metric", "value", "seed",

@@ -11,14 +11,14 @@ from typing import Literal
 import pytest
 import torch
 
-from benchmark.augment import ViewSpec, make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
-from benchmark.encoder import FrozenEncoder, extract_features
-from benchmark.pretrain import build_method, device_resident, pretrain
+from benchmark.data.augment import ViewSpec, make_views
+from benchmark.data.sets import Splits
+from benchmark.evaluate.encoder import FrozenEncoder, extract_features
 from benchmark.registry import METHODS
-from benchmark.throughput import main as throughput
+from benchmark.run.throughput import main as throughput
+from benchmark.train.pretrain import build_method, device_resident, pretrain
 from protocols.linear import Config as LinearConfig
 from protocols.linear import linear
 from tests.protocols.test_knn import Flatten

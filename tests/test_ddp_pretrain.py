@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmark.distributed import launched_processes
+from benchmark.train.distributed import launched_processes
 from tests.conftest import REPO, run_cli
 
 ARGS = ["--methods", "supervised", "--protocols", "knn", "--datasets", "digits", "--suite", "smoke",

@@ -20,9 +20,9 @@ import cloudpickle
 import pandas as pd
 import pytest
 
-from benchmark.executor import SlurmConfig, SubmititExecutor
-from benchmark.runner import Request, plan, run, run_pretrain
-from benchmark.status import grid_status
+from benchmark.run.executor import SlurmConfig, SubmititExecutor
+from benchmark.run.runner import Request, plan, run, run_pretrain
+from benchmark.run.status import grid_status
 
 # functions defined here run inside jobs, whose python cannot import this test module: ship them by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.augment import ViewSpec, augment, gaussian_blur, make_views, resized_crop
+from benchmark.data.augment import ViewSpec, augment, gaussian_blur, make_views, resized_crop
 
 PLAIN = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0)
 

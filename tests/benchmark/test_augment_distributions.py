@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from benchmark.augment import (
+from benchmark.data.augment import (
     ViewSpec,
     augment,
     byol_pair,

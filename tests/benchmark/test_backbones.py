@@ -8,7 +8,8 @@ from torchvision.utils import save_image
 
 from benchmark.backbones import build_backbone
 from benchmark.config import DataConfig, PretrainConfig
-from benchmark.data import Splits, load_raw, make_splits
+from benchmark.data.datasets import load_raw, make_splits
+from benchmark.data.sets import Splits
 from benchmark.registry import BACKBONES
 
 

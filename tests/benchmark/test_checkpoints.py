@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.checkpoints import CheckpointDir, load_verified
 from benchmark.errors import CheckpointIntegrityError
-from benchmark.io import atomic_write_bytes
+from benchmark.store.checkpoints import CheckpointDir, load_verified
+from benchmark.store.io import atomic_write_bytes
 
 
 def _state(v: float) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from benchmark import d2backend
-from benchmark.d2backend import VARIANTS, Schedule, to_detectron2
-from benchmark.detection import DetectionSet
+from benchmark.data.detection import DetectionSet
 from benchmark.errors import ConfigError
+from benchmark.evaluate.detection import d2backend
+from benchmark.evaluate.detection.d2backend import VARIANTS, Schedule, to_detectron2
 
 D2_MISSING = "detectron2 not installed (build it from source: see its INSTALL.md)"
 

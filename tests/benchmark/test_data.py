@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from benchmark.config import DataConfig
-from benchmark.data import balanced_subset, load_raw, make_splits, read_idx
+from benchmark.data.datasets import load_raw, make_splits
+from benchmark.data.readers import read_idx
+from benchmark.data.sets import balanced_subset
 from benchmark.errors import DatasetError
 from tests.conftest import FMNIST
 
@@ -89,7 +91,7 @@ def test_torchvision_datasets_never_download(tmp_path: Path) -> None:
 
 
 def test_convert_channels_single_and_batched() -> None:
-    from benchmark.data import convert_channels
+    from benchmark.data.sets import convert_channels
 
     rgb = torch.tensor([[[[255]], [[0]], [[0]]], [[[10]], [[20]], [[30]]]], dtype=torch.uint8)  # (2, 3, 1, 1)
     grey = convert_channels(rgb, 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.detection import (
+from benchmark.data.detection import (
     FMNIST_CLASSES,
     DetectionSet,
     EmbeddedSpec,
@@ -22,8 +22,8 @@ from benchmark.detection import (
     read_voc,
     write_voc_annotation,
 )
+from benchmark.data.voc import parse_annotation
 from benchmark.errors import DatasetError
-from benchmark.voc import parse_annotation
 
 SPEC = EmbeddedSpec(n_train=24, n_test=8)
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from benchmark.detection import Detections, DetectionSet
-from benchmark.deteval import COCO_KEYS, coco_metrics, voc_ap, voc_aps
+from benchmark.data.detection import Detections, DetectionSet
+from benchmark.evaluate.detection.deteval import COCO_KEYS, coco_metrics, voc_ap, voc_aps
 
 Box = tuple[float, float, float, float]  # continuous 0-based x1, y1, x2, y2
 BACKGROUND: Box = (40, 40, 50, 50)  # overlaps no ground-truth box in these tests

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from benchmark.backbones import ConvNet, TimmViT, TorchvisionResNet
-from benchmark.checkpoints import sha256_file
 from benchmark.errors import CheckpointIntegrityError, ConfigError
-from benchmark.importers import (
+from benchmark.store.checkpoints import sha256_file
+from benchmark.store.importers import (
     LAYOUTS,
     Arch,
     CheckpointFormatError,
@@ -42,7 +42,7 @@ from benchmark.importers import (
     import_encoder,
     safe_load,
 )
-from benchmark.io import atomic_write_text
+from benchmark.store.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -298,8 +298,8 @@ def test_teacher_choice_refused_where_there_is_none(tmp_path: Path, r18: nn.Modu
 # --- our own files ----------------------------------------------------------------------------------------------
 
 def save_encoder(module: nn.Module, path: Path) -> Path:
-    """What benchmark.runner writes after pretraining: state_dict as safetensors plus a sha256 sidecar."""
-    from benchmark.runner import _save_encoder
+    """What benchmark.run.runner writes after pretraining: state_dict as safetensors plus a sha256 sidecar."""
+    from benchmark.run.runner import _save_encoder
 
     _save_encoder(module, path)
     return path
@@ -476,7 +476,7 @@ def test_weights_only_false_lives_only_in_the_trusted_loader() -> None:
     hits = [(p, i) for p in files if p != Path(__file__).resolve()
             for i, line in enumerate(p.read_text().splitlines(), 1) if "weights_only=False" in line]
     assert [p.name for p, _ in hits] == ["importers.py"], hits
-    src = (REPO / "benchmark" / "importers.py").read_text().splitlines()
+    src = (REPO / "benchmark" / "store" / "importers.py").read_text().splitlines()
     (_, line), = hits
     enclosing = next(s for s in reversed(src[:line]) if s.startswith("def "))
     assert enclosing.startswith("def _load_trusted(")

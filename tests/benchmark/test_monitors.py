@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmark.monitors import is_collapsed, rankme, std_of_l2_normalized
+from benchmark.train.monitors import is_collapsed, rankme, std_of_l2_normalized
 
 
 def test_isotropic_gaussian_is_healthy() -> None:

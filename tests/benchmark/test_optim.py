@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
-from benchmark.optim import build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
+from benchmark.data.sets import Splits
+from benchmark.train.optim import build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
 from tests.methods.test_all_methods import _build
 
 

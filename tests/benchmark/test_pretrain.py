@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
-from benchmark.pretrain import pretrain
+from benchmark.data.augment import ViewSpec
+from benchmark.data.sets import Splits
+from benchmark.train.pretrain import pretrain
 from tests.conftest import REPO
 
 ARGS = ["--suite", "smoke", "--methods", "byol", "--protocols", "knn", "--datasets", "digits",

@@ -12,11 +12,18 @@ import torch
 from torch import nn
 
 from benchmark.backbones import Pixels
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import FrozenEncoder, extract_features
-from benchmark.finetune import Classifier, Recipe, predict, train_classifier
-from benchmark.protocol import EvalContext, class_balanced_fraction, save_subset_file, spread, to_channels, transfer_splits
-from benchmark.results import fmt
+from benchmark.data.sets import ImageSet, Splits
+from benchmark.evaluate.encoder import FrozenEncoder, extract_features
+from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
+from benchmark.evaluate.protocol import (
+    EvalContext,
+    class_balanced_fraction,
+    save_subset_file,
+    spread,
+    to_channels,
+    transfer_splits,
+)
+from benchmark.store.results import fmt
 from tests.protocols.test_knn import blobs
 
 

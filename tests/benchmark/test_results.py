@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.results import Row, leaderboard, rebuild, row_dict, write_record
+from benchmark.store.results import Row, leaderboard, rebuild, row_dict, write_record
 
 
 def _rec(out: Path, name: str, method: str, seed: int, value: float, status: str = "ok", finished: str = "2026-01-01T00:00:01",
@@ -76,7 +76,7 @@ def test_concurrent_writers_and_a_looping_aggregator_lose_nothing(tmp_path: Path
 def test_git_dirty_flags_new_plugin_files_but_not_generated_results(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import subprocess
 
-    from benchmark import provenance
+    from benchmark.store import provenance
 
     repo = tmp_path / "repo"
     (repo / "methods").mkdir(parents=True)

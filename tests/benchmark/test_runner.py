@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from benchmark.data import ImageSet
-from benchmark.encoder import FrozenEncoder, extract_features
+from benchmark.data.sets import ImageSet
 from benchmark.errors import NotApplicable
-from benchmark.executor import LocalExecutor
+from benchmark.evaluate.encoder import FrozenEncoder, extract_features
 from benchmark.registry import PROTOCOLS
-from benchmark.runner import Request, plan, run
+from benchmark.run.executor import LocalExecutor
+from benchmark.run.runner import Request, plan, run
 from tests.conftest import run_cli
 
 TINY = {"data": {"image_size": 16}, "pretrain": {"backbone": "convnet_tiny", "epochs": 1, "batch_size": 64},
@@ -136,7 +136,7 @@ def test_a_method_whose_encoder_is_not_the_backbone_is_evaluated(tmp_path: Path)
 def test_a_job_that_returns_without_a_valid_record_counts_as_failed_and_is_rerun(tmp_path: Path,
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """T15: the task swallows its own error and returns normally, writing nothing."""
-    import benchmark.runner as runner
+    import benchmark.run.runner as runner
 
     monkeypatch.setattr(runner, "run_eval", lambda task: {"status": "ok", "rows": []})
     summary = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)

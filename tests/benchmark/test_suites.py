@@ -4,8 +4,8 @@ import pytest
 
 from benchmark.config import CORE_SECTIONS
 from benchmark.registry import DATASETS, METHODS, PROTOCOLS, SUITES
-from benchmark.runner import Request, plan
-from benchmark.suites import Suite
+from benchmark.run.runner import Request, plan
+from benchmark.run.suites import Suite
 
 
 def test_the_three_suites_exist_and_name_registered_plugins() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.augment import ViewSpec, make_views, torchvision_view
-from benchmark.throughput import main
+from benchmark.data.augment import ViewSpec, make_views, torchvision_view
+from benchmark.run.throughput import main
 
 
 def test_throughput_command_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import benchmark.voc  # noqa: F401  (registers voc2007)
+import benchmark.data.voc  # noqa: F401  (registers voc2007)
 from benchmark.config import DataConfig
-from benchmark.data import load_raw, load_splits
+from benchmark.data.datasets import load_raw, load_splits
+from benchmark.data.voc import VOC_CLASSES, Annotation, VocObject, image_labels, parse_annotation, read_image_set, vissl_resize
 from benchmark.errors import DatasetError
 from benchmark.registry import DATASETS
-from benchmark.voc import VOC_CLASSES, Annotation, VocObject, image_labels, parse_annotation, read_image_set, vissl_resize
 
 # one object: (class, (xmin, ymin, xmax, ymax), difficult, truncated); difficult=None writes no <difficult> tag
 Obj = tuple[str, tuple[int, int, int, int], bool | None, bool]

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from benchmark.augment import make_views
 from benchmark.config import PretrainConfig, apply_overrides
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import NotApplicable
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS, SUITES
-from benchmark.runner import _fill_from_data
+from benchmark.run.runner import _fill_from_data
+from benchmark.train.pretrain import build_method
 from tests.methods.steps import assert_loss_falls, method_loss
 
 # On a fixed batch these losses need not fall, by design; each method's own test file checks that its
@@ -89,8 +89,13 @@ def test_ssl_methods_never_see_labels(digits: Splits) -> None:
             assert not getattr(model, "uses_labels", False)
 
 
-def test_every_method_has_tiny_and_cpu_scale_settings() -> None:
-    """The smoke and default suites size every method's heads for CPU runs (baselines have no heads)."""
-    for suite in ("smoke", "default"):
-        missing = [n for n in TRAINABLE if n not in SUITES.get(suite).overrides and n != "supervised"]
-        assert not missing, (suite, missing)
+def test_a_method_without_a_suite_entry_runs_on_its_defaults_and_the_suites_generic_settings() -> None:
+    """Suites list deliberate deviations only (CPU-sized heads); with its entry removed, a method plans with its own
+    Config defaults and the suite's generic data / pretrain settings (a plugin run end to end: tests/test_plugins.py)."""
+    from benchmark.run.runner import Request, plan
+
+    smoke = SUITES.get("smoke").overrides
+    ov = {k: v for k, v in smoke.items() if k != "byol"}
+    (task,) = plan(Request(("byol",), ("knn",), ("digits",), (0,), ov, "/nonexistent", "smoke")).evals
+    assert task.pretrain.method_cfg == METHODS.default_config("byol") != apply_overrides(METHODS.default_config("byol"), smoke["byol"], "byol")
+    assert (task.pretrain.pretrain.backbone, task.pretrain.pretrain.epochs) == ("convnet_tiny", 1)

@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 import methods.cmc  # noqa: F401  (registers "cmc")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet, Pixels, TorchvisionResNet
-from benchmark.colour import rgb_to_lab
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.colour import rgb_to_lab
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.cmc import (
     CMC,
     LAB_MEAN,

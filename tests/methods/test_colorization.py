@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 import methods.colorization  # noqa: F401  (registers "colorization")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
-from benchmark.colour import rgb_to_lab
 from benchmark.config import PretrainConfig
-from benchmark.data import ImageSet, Splits
+from benchmark.data.augment import make_views
+from benchmark.data.colour import rgb_to_lab
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError, NotApplicable
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.colorization import (
     Colorization,
     Config,

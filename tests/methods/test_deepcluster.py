@@ -12,14 +12,14 @@ import torch
 from torch import Tensor, nn
 
 import methods.deepcluster  # noqa: F401  (registers "deepcluster")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.kmeans import SPLIT_EPS, kmeans, split_empty_clusters
-from benchmark.pretrain import build_method, pretrain
 from benchmark.registry import METHODS
+from benchmark.train.kmeans import SPLIT_EPS, kmeans, split_empty_clusters
+from benchmark.train.pretrain import build_method, pretrain
 from methods.deepcluster import Config, DeepCluster, deepcluster_loss, pca_whiten
 from tests.methods.steps import assert_loss_falls
 

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 import methods.densecl as densecl  # registers "densecl"
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet, Pixels, TimmViT, TorchvisionResNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.densecl import Config, DenseCL, backbone_features, correspondence, dense_infonce, densecl_loss
 from methods.mocov2 import moco_infonce
 from tests.methods.steps import assert_loss_falls

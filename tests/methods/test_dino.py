@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import methods.dino  # noqa: F401  (registers "dino")
-from benchmark.augment import make_views
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.dino import DINO, Config, dino_loss, momentum_at, teacher_temp_at, update_center
 from tests.methods.steps import assert_loss_falls
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import methods.inpainting  # noqa: F401  (registers "inpainting")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet, Pixels
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.inpainting import (
     Config,
     ContextEncoder,

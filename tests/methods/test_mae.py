@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import methods.mae  # noqa: F401  (registers "mae")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet, vit_tiny
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.mae import MAE, Config, mae_loss, normalize_patches, patchify, random_masking, sincos_2d, unpatchify
 from tests.methods.steps import assert_loss_falls
 

@@ -11,13 +11,13 @@ import torch
 from torch import Tensor, nn
 
 import methods.mocov2 as mocov2  # registers "mocov2"
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.mocov2 import Config, MoCoV2, moco_infonce
 from tests.methods.steps import assert_loss_falls
 

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 import methods.mocov3 as mocov3  # registers "mocov3"
-from benchmark.augment import make_views
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.mocov3 import Config, MoCoV3, ctr, momentum_at
 from tests.methods.steps import sgd_losses
 

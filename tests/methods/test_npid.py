@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import methods.npid as npid  # registers "npid"
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method, pretrain
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method, pretrain
 from methods.npid import NPID, Config, bank_update, estimate_log_z, nce_loss
 from tests.methods.steps import assert_loss_falls
 

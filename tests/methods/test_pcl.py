@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 import methods.pcl as pcl  # registers "pcl"
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.kmeans import kmeans
-from benchmark.pretrain import build_method, pretrain
 from benchmark.registry import METHODS
+from benchmark.train.kmeans import kmeans
+from benchmark.train.pretrain import build_method, pretrain
 from methods.mocov2 import moco_infonce
 from methods.pcl import PCL, Config, cluster, concentration, proto_nce, sample_negatives
 from tests.methods.steps import assert_loss_falls

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import methods.rotation  # noqa: F401  (registers "rotation")
-from benchmark.augment import make_views
 from benchmark.backbones import ConvNet
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.rotation import Config, RotNet, rotate_batch, rotation_loss
 from tests.methods.steps import assert_loss_falls
 

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 import methods.simsiam as simsiam  # importing registers "simsiam"
-from benchmark.augment import make_views
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.simsiam import Config, SimSiam, simsiam_loss
 from tests.methods.steps import sgd_losses
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import methods.vicreg  # noqa: F401  (registers "vicreg")
-from benchmark.augment import make_views
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
+from benchmark.data.augment import make_views
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.pretrain import build_method
 from benchmark.registry import METHODS
+from benchmark.train.pretrain import build_method
 from methods.vicreg import Config, VICReg, vicreg_loss, vicreg_terms
 from tests.methods.steps import assert_loss_falls
 

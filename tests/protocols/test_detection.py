@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from benchmark.backbones import ConvNet, Pixels, TorchvisionResNet, stages
-from benchmark.detection import Detections, DetectionSet, EmbeddedSpec, load_embedded
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.detection import Detections, DetectionSet, EmbeddedSpec, load_embedded
 from benchmark.errors import ConfigError, NotApplicable
+from benchmark.evaluate.encoder import FrozenEncoder
 from protocols.detection import Config, build_faster_rcnn, detection, hflip, predict, score, train_detector
 
 SMALL = dict(min_size_train=(64,), min_size_test=64, max_size=64, anchor_sizes=(8, 16, 32, 64), rois_per_image=32,
@@ -136,7 +136,7 @@ def test_protocol_end_to_end_is_reproducible(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed here")
 def test_detectron2_backend_without_detectron2_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path))
-    from benchmark.data import ImageSet, Splits
+    from benchmark.data.sets import ImageSet, Splits
 
     x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
     data = Splits("t", ImageSet(x, torch.zeros(4, dtype=torch.int64)), ImageSet(x, torch.zeros(4, dtype=torch.int64)),

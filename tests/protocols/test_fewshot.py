@@ -14,9 +14,9 @@ from torch import Tensor, nn
 import protocols.fewshot as fs
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig, apply_overrides
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError
+from benchmark.evaluate.encoder import FrozenEncoder
 from protocols.fewshot import Config, episode_accuracies, episode_generator, fewshot, proto_scores, sample_episodes
 from tests.protocols.test_knn import Flatten, frozen
 

@@ -7,9 +7,9 @@ import torch
 
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
+from benchmark.evaluate.encoder import FrozenEncoder
 from benchmark.registry import PROTOCOLS
 from protocols.finetune import Config, finetune
 from tests.protocols.test_knn import blobs

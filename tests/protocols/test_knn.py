@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.sets import ImageSet, Splits
+from benchmark.evaluate.encoder import FrozenEncoder
 from protocols.knn import Config, knn, knn_predict, topk_accuracy
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from benchmark.data import Splits
+from benchmark.data.sets import Splits
 from protocols.knn import topk_accuracy
 from protocols.linear import Config, c_grid, fit_logistic, linear
 from tests.protocols.test_knn import Flatten, blobs, frozen

@@ -11,10 +11,10 @@ from torch import nn
 import protocols.linear_sgd as lsgd
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data import Splits
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.finetune import Classifier
+from benchmark.evaluate.encoder import FrozenEncoder
+from benchmark.evaluate.finetune import Classifier
 from benchmark.registry import PROTOCOLS
 from protocols.linear_sgd import Config, MoCoConfig, fit, linear_sgd, make_head, recipe
 from tests.protocols.test_knn import Flatten, blobs, frozen

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.data import Splits
+from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
-from benchmark.protocol import EvalContext
+from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import PROTOCOLS
 from protocols.lowshot_svm import Config, draw_generator, draw_multi_label, draw_single_label, lowshot_svm
 from protocols.svm import class_targets

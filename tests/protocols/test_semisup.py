@@ -13,13 +13,13 @@ from torch import Tensor, nn
 
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data import ImageSet, Splits
-from benchmark.encoder import FrozenEncoder
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError
-from benchmark.finetune import Recipe, train_classifier
-from benchmark.protocol import EvalContext
+from benchmark.evaluate.encoder import FrozenEncoder
+from benchmark.evaluate.finetune import Recipe, train_classifier
+from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import PROTOCOLS
-from benchmark.results import Row
+from benchmark.store.results import Row
 from protocols.semisup import Config, MMSelfSupConfig, SimCLRConfig, label_subset, pct_tag, semisup
 from tests.protocols.test_knn import blobs
 

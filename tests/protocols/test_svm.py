@@ -11,7 +11,7 @@ from sklearn.svm import LinearSVC
 
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data import ImageSet, Splits
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError
 from benchmark.registry import PROTOCOLS
 from protocols.svm import (

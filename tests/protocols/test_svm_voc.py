@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from benchmark.data.voc import VOC_CLASSES
 from benchmark.errors import ConfigError
-from benchmark.executor import LocalExecutor
-from benchmark.runner import Request, plan, run
-from benchmark.voc import VOC_CLASSES
+from benchmark.run.executor import LocalExecutor
+from benchmark.run.runner import Request, plan, run
 from tests.benchmark.test_voc import Obj, make_devkit
 
 

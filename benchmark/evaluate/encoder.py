@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from benchmark.data import ImageSet, Splits
-from benchmark.io import atomic_save
+from benchmark.data.sets import ImageSet, Splits
+from benchmark.store.io import atomic_save
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import PretrainConfig
+from benchmark.train.method import Hooks
 
 
 class LARS(torch.optim.Optimizer):
@@ -57,13 +58,13 @@ def param_groups(params: nn.Module | Iterable[Tensor], weight_decay: float) -> l
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     """The optimiser named in `cfg` over the model's parameter groups.
 
-    A method may define `param_groups(weight_decay)` returning groups that, besides `params` and
-    `weight_decay`, carry `lars` (LARS adaptation on), `lr_mult` (scale of the scheduled lr) and
+    A method may define `param_groups(weight_decay)` (see `benchmark.train.method.Method`) returning groups that,
+    besides `params` and `weight_decay`, carry `lars` (LARS adaptation on), `lr_mult` (scale of the scheduled lr) and
     `fixed_lr` (the lr stays at its peak: SimSiam's predictor); otherwise `param_groups` above is used.
     """
     lr = base_lr(cfg)
-    custom = getattr(model, "param_groups", None)
-    groups = custom(cfg.weight_decay) if callable(custom) else param_groups(model, cfg.weight_decay)
+    custom = Hooks.of(model).param_groups
+    groups = custom(cfg.weight_decay) if custom is not None else param_groups(model, cfg.weight_decay)
     for g in groups:
         g.setdefault("lr_mult", 1.0)
         g.setdefault("fixed_lr", False)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import methods  # noqa: F401  (registers the method plugins)
-import protocols  # noqa: F401  (registers the protocol plugins)
 from benchmark import config as C
 from benchmark.device import default_device, describe
 from benchmark.errors import ConfigError, SSLBenchError
-from benchmark.executor import EXECUTORS, SlurmConfig, make_executor
-from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES
-from benchmark.runner import CheckpointSpec, Request, plan, run
-from benchmark.suites import Suite
+from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES, discover
+from benchmark.run.executor import EXECUTORS, SlurmConfig, make_executor
+from benchmark.run.runner import CheckpointSpec, Request, plan, run
+from benchmark.run.suites import Suite
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-layout", help="layout of the --checkpoint files when detection is ambiguous (see --list)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading: only for files you trust")
     p.add_argument("--student", action="store_true", help="teacher/student checkpoints (DINO): evaluate the student")
+    p.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                   help="a folder holding methods/*.py and/or protocols/*.py to register beside the built-in plugins "
+                        "(repeatable; the same as $SSLBENCH_PLUGINS, which jobs inherit)")
     p.add_argument("--force", action="store_true", help="rerun cells that already have results")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
@@ -100,6 +103,20 @@ def parse_checkpoint(raw: str, args: argparse.Namespace) -> CheckpointSpec:
     return CheckpointSpec(name, path, arch or None, args.checkpoint_layout, args.trust_checkpoint, not args.student)
 
 
+def load_plugins(folders: list[str]) -> None:
+    """Register the built-in plugins and those under `folders` (added to $SSLBENCH_PLUGINS, so that every job this
+    process starts finds them too)."""
+    for d in folders:
+        if not Path(d).is_dir():
+            raise ConfigError(f"--plugins {d}: not a folder (it should hold methods/*.py and/or protocols/*.py)")
+    if folders:
+        known = list(filter(None, os.environ.get("SSLBENCH_PLUGINS", "").split(os.pathsep)))
+        os.environ["SSLBENCH_PLUGINS"] = os.pathsep.join(dict.fromkeys([*known, *(str(Path(d).resolve()) for d in folders)]))
+    for package in ("methods", "protocols"):
+        module = importlib.import_module(package)
+        discover(package, module.__path__)  # folders added since the package was first imported
+
+
 def print_list() -> None:
     for title, reg in (("methods", METHODS), ("protocols", PROTOCOLS), ("datasets", DATASETS), ("backbones", BACKBONES)):
         items = []
@@ -107,7 +124,7 @@ def print_list() -> None:
             version = reg.entry(name).meta.get("version")
             items.append(f"{name}@{version}" if version else name)
         print(f"{title}: {', '.join(items)}")
-    from benchmark.importers import LAYOUTS
+    from benchmark.store.importers import LAYOUTS
 
     print(f"checkpoint layouts: {', '.join(LAYOUTS.names())}")
     print("suites:")
@@ -184,12 +201,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export(argv: list[str]) -> int:
     """`run_benchmark.py export PATH[@ARCH] --format torchvision|detectron2 --to FILE`."""
-    from benchmark.importers import export_detectron2, export_torchvision
+    from benchmark.store.importers import export_detectron2, export_torchvision
 
     args = export_parser().parse_args(argv)
     try:
         ck = parse_checkpoint(f"export={args.checkpoint}", args)
-        from benchmark.importers import import_encoder
+        from benchmark.store.importers import import_encoder
 
         module, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
         print(report.summary())
@@ -210,16 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     if rest[:1] == ["export"]:
         return export(rest[1:])
     if rest[:1] == ["throughput"]:
-        from benchmark.throughput import main as throughput_main
+        from benchmark.run.throughput import main as throughput_main
 
         return throughput_main(rest[1:])
     if rest[:1] == ["status"]:
-        from benchmark.status import main as status_main
+        from benchmark.run.status import main as status_main
 
         return status_main(rest[1:])
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_plugins(args.plugins)
         if args.list:
             print_list()
             return 0

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 import uuid
@@ -22,19 +23,20 @@ import torch
 import yaml
 
 from benchmark import config as C
-from benchmark.checkpoints import sha256_file, verify
-from benchmark.data import load_splits, save_split_file
+from benchmark.data.datasets import load_splits, save_split_file
 from benchmark.device import describe
-from benchmark.distributed import launched_processes, process_group, rank, world_size
-from benchmark.encoder import FrozenEncoder
 from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable
-from benchmark.executor import Executor, Job, current_job_id
-from benchmark.io import atomic_save, atomic_write_json, atomic_write_text
-from benchmark.pretrain import build_method, pretrain
-from benchmark.protocol import EvalContext
-from benchmark.provenance import git_info, now, versions
+from benchmark.evaluate.encoder import FrozenEncoder
+from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import DATASETS, METHODS, PROTOCOLS
-from benchmark.results import Row, rebuild, row_dict, write_record
+from benchmark.run.executor import Executor, Job, current_job_id
+from benchmark.store.checkpoints import sha256_file, verify
+from benchmark.store.io import atomic_save, atomic_write_json, atomic_write_text
+from benchmark.store.provenance import git_info, now, versions
+from benchmark.store.results import Row, rebuild, row_dict, write_record
+from benchmark.train.distributed import launched_processes, process_group, rank, world_size
+from benchmark.train.method import Hooks
+from benchmark.train.pretrain import build_method, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ def _eval_tasks(req: Request, pt: PretrainTask, splits: Any, eval_cfg: C.EvalCon
 
 def _check_checkpoints(req: Request) -> list[Any]:
     """Import every `--checkpoint` once (layout, architecture, every key checked); names must be unique."""
-    from benchmark.importers import import_encoder
+    from benchmark.store.importers import import_encoder
 
     names = [c.name for c in req.checkpoints]
     clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(req.methods)))
@@ -256,7 +258,7 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
     t0 = time.perf_counter()
     sha, dirty = git_info()  # the code that trains (evaluation rows record theirs too: an encoder may be reused)
     model = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed)
-    trainable = getattr(model, "trainable", True) and task.pretrain.epochs > 0
+    trainable = Hooks.of(model).trainable and task.pretrain.epochs > 0
     cfg = task.pretrain if trainable else dataclasses.replace(task.pretrain, epochs=0)
     outcome = pretrain(model, splits, cfg, task.seed, run_dir / "checkpoints", device, task.progress, desc=task.label)
     if not lead:
@@ -276,7 +278,7 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
 
 def _record_import(task: PretrainTask, meta_path: Path) -> dict[str, Any]:
     """A checkpoint is not trained: import it (checked) and record the report; evaluation re-imports it."""
-    from benchmark.importers import import_encoder
+    from benchmark.store.importers import import_encoder
 
     assert task.checkpoint is not None
     ck = task.checkpoint
@@ -327,7 +329,7 @@ def _in_channels(module: torch.nn.Module) -> int | None:
 
 def adapt_channels(splits: Any, module: torch.nn.Module) -> Any:
     """The dataset with the channel count an imported encoder expects (grey <-> RGB)."""
-    from benchmark.protocol import to_channels
+    from benchmark.evaluate.protocol import to_channels
 
     want = _in_channels(module) or splits.channels
     if want == splits.channels:
@@ -345,7 +347,7 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
 
     cache = Path(task.run_dir) / "features" if eval_cfg.cache else None
     if task.checkpoint is not None:  # re-imported (checked again) on the evaluation's machine
-        from benchmark.importers import import_encoder
+        from benchmark.store.importers import import_encoder
 
         ck = task.checkpoint
         mod, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
@@ -475,13 +477,39 @@ def _job_note(job: Job[Any], executor: Executor, kind: str) -> dict[str, Any]:
     return {"job_id": job.job_id, "executor": executor.name, "log": job.log, "kind": kind, "submitted_at": now()}
 
 
+Outcome = tuple[EvalTask, "Job[Any] | None", "BaseException | None"]  # a cell, its evaluation job, or why it has none
+
+
 def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any = print, poll_s: float = 2.0) -> Summary:
     """Run the grid: every pretraining task that a missing cell needs (one job array), and, as soon as an
     encoder is ready, its evaluation cells (one array per encoder). Collects every job on its own (a failed or
     killed job costs only its cells); a job that ends without a valid record counts as failed. Rebuilds the tables."""
-    import shutil
-
     summary = Summary()
+    cells_of = _cells_to_run(p, out, force, summary, echo)
+    pre_tasks = [t for t in p.pretrain if t.run_dir in cells_of]
+    if force:
+        for pt in pre_tasks:
+            if Path(pt.run_dir).exists():
+                shutil.rmtree(pt.run_dir)
+    pre_jobs = executor.map(run_pretrain, pre_tasks, kind="pretrain")
+    if launched_processes() > 1 and os.environ.get("RANK", "0") != "0":
+        # a torchrun follower: it only helps rank 0 pretrain; rank 0 evaluates and writes the tables
+        for job in pre_jobs:
+            job.exception()
+        return summary
+    if executor.name != "local" and pre_jobs:
+        _note_jobs(out, {pt.label: _job_note(j, executor, "pretrain") for pt, j in zip(pre_tasks, pre_jobs)})
+        echo(f"submitted {len(pre_jobs)} pretraining jobs ({executor.name}: {', '.join(j.job_id for j in pre_jobs)}); "
+             f"logs under {Path(pre_jobs[0].log).parent.parent}")
+    outcomes = _await_pretraining(list(zip(pre_tasks, pre_jobs)), cells_of, executor, out, echo, poll_s)
+    for i, outcome in enumerate(outcomes, 1):
+        _collect(outcome, f"[{i}/{len(outcomes)}]", summary, echo)
+    rebuild(out)
+    return summary
+
+
+def _cells_to_run(p: Plan, out: Path, force: bool, summary: Summary, echo: Any) -> dict[str, list[EvalTask]]:
+    """Write the grid for `status`; the cells without a finished record (all with `force`), by encoder run folder."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "grid.json", {"cells": [_cell_row(t) for t in p.evals]})  # what `status` reports on
     todo = [t for t in p.evals if force or not _finished(t)]
@@ -491,76 +519,72 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
     cells_of: dict[str, list[EvalTask]] = {}
     for t in todo:
         cells_of.setdefault(t.pretrain.run_dir, []).append(t)
-    pre_tasks = [t for t in p.pretrain if t.run_dir in cells_of]
-    if force:
-        for pt in pre_tasks:
-            if Path(pt.run_dir).exists():
-                shutil.rmtree(pt.run_dir)
+    return cells_of
+
+
+def _await_pretraining(waiting: list[tuple[PretrainTask, Job[Any]]], cells_of: dict[str, list[EvalTask]], executor: Executor,
+                       out: Path, echo: Any, poll_s: float) -> list[Outcome]:
+    """Poll the pretraining jobs; as each ends, submit its encoder's evaluation cells (or record why they cannot run)."""
     inline = executor.name == "local"  # tasks run here, one by one: announce each before it starts
-    pre_jobs = executor.map(run_pretrain, pre_tasks, kind="pretrain")
-    if launched_processes() > 1 and os.environ.get("RANK", "0") != "0":
-        # a torchrun follower: it only helps rank 0 pretrain; rank 0 evaluates and writes the tables
-        for job in pre_jobs:
-            job.exception()
-        return summary
-    if not inline and pre_jobs:
-        _note_jobs(out, {pt.label: _job_note(j, executor, "pretrain") for pt, j in zip(pre_tasks, pre_jobs)})
-        echo(f"submitted {len(pre_jobs)} pretraining jobs ({executor.name}: {', '.join(j.job_id for j in pre_jobs)}); "
-             f"logs under {Path(pre_jobs[0].log).parent.parent}")
-    outcomes: list[tuple[EvalTask, Job[Any] | None, BaseException | None]] = []
-    waiting = list(zip(pre_tasks, pre_jobs))
-    n_done = 0
+    total, n_done = len(waiting), 0
+    outcomes: list[Outcome] = []
     while waiting:
         still = []
         for pt, job in waiting:
             what = f"import {pt.checkpoint.path}" if pt.checkpoint else f"pretrain {pt.label} ({pt.pretrain.backbone}, {pt.pretrain.epochs} epochs)"
             if inline:
-                echo(f"[{n_done + 1}/{len(pre_jobs)}] {what}")
+                echo(f"[{n_done + 1}/{total}] {what}")
             if not job.done():
                 still.append((pt, job))
                 continue
             n_done += 1
-            head = "   " if inline else f"[{n_done}/{len(pre_jobs)}] {what} (job {job.job_id}):"
-            err = job.exception()
-            if err is None and not _encoder_ready(pt):
-                err = RuntimeError(f"job {job.job_id} ended without a valid encoder in {pt.run_dir} (log: {job.log or '-'})")
-            cells = cells_of[pt.run_dir]
-            if err is not None:
-                name = getattr(err, "remote_type", type(err).__name__)
-                echo(f"{head} {'skipped' if isinstance(err, NotApplicable) else 'failed'}: {name}: {str(err).splitlines()[0] if str(err) else ''}")
-                outcomes += [(t, None, err) for t in cells]
-                continue
-            meta = job.result()
-            last = meta["history"][-1] if meta["history"] else {}
-            echo(f"{head} {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
-            jobs = executor.map(run_eval, cells, kind="eval")
-            if not inline:
-                _note_jobs(out, {t.label: _job_note(j, executor, "eval") for t, j in zip(cells, jobs)})
-                echo(f"    submitted {len(jobs)} evaluation jobs ({', '.join(j.job_id for j in jobs)})")
-            outcomes += [(t, j, None) for t, j in zip(cells, jobs)]
+            head = "   " if inline else f"[{n_done}/{total}] {what} (job {job.job_id}):"
+            outcomes += _on_pretrained(pt, job, cells_of[pt.run_dir], executor, out, head, echo)
         waiting = still
         if waiting:
             time.sleep(poll_s)
-    for i, (task, ejob, pre_err) in enumerate(outcomes, 1):
-        err = pre_err if ejob is None else ejob.exception()
-        if err is None and not _finished(task):  # "success" without a valid record is a failure (T15)
-            err = RuntimeError(f"job {ejob.job_id if ejob else '-'} ended without a valid result file {task.record_path}")
-        if err is not None:
-            failed_record(task, err, "pretrain" if ejob is None else ejob.job_id, "" if ejob is None else ejob.log)
-            if isinstance(err, NotApplicable):
-                summary.not_applicable.append(f"{task.label}: {err}")
-                echo(f"[{i}/{len(outcomes)}] {task.label}: skipped: {err}")
-            else:
-                summary.failed.append(task.label)
-                name = getattr(err, "remote_type", type(err).__name__)
-                echo(f"[{i}/{len(outcomes)}] {task.label}: failed: {name}: {str(err).splitlines()[0] if str(err) else ''}")
-            continue
-        assert ejob is not None
-        rec = json.loads(Path(task.record_path).read_text())
-        summary.done += 1
-        if rec["status"] == "diverged":
-            summary.diverged.append(task.label)
-        shown = ", ".join(f"{r['metric']} {100 * r['value']:.2f}" for r in rec["rows"] if r["split"] == "test" and r["value"] == r["value"])
-        echo(f"[{i}/{len(outcomes)}] {task.label}: {rec['status']} {shown}")
-    rebuild(out)
-    return summary
+    return outcomes
+
+
+def _on_pretrained(pt: PretrainTask, job: Job[Any], cells: list[EvalTask], executor: Executor, out: Path, head: str,
+                   echo: Any) -> list[Outcome]:
+    """One finished pretraining job: report it, then submit its cells, or pass its error on to each of them."""
+    err = job.exception()
+    if err is None and not _encoder_ready(pt):
+        err = RuntimeError(f"job {job.job_id} ended without a valid encoder in {pt.run_dir} (log: {job.log or '-'})")
+    if err is not None:
+        name = getattr(err, "remote_type", type(err).__name__)
+        echo(f"{head} {'skipped' if isinstance(err, NotApplicable) else 'failed'}: {name}: {str(err).splitlines()[0] if str(err) else ''}")
+        return [(t, None, err) for t in cells]
+    meta = job.result()
+    last = meta["history"][-1] if meta["history"] else {}
+    echo(f"{head} {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
+    jobs = executor.map(run_eval, cells, kind="eval")
+    if executor.name != "local":
+        _note_jobs(out, {t.label: _job_note(j, executor, "eval") for t, j in zip(cells, jobs)})
+        echo(f"    submitted {len(jobs)} evaluation jobs ({', '.join(j.job_id for j in jobs)})")
+    return [(t, j, None) for t, j in zip(cells, jobs)]
+
+
+def _collect(outcome: Outcome, head: str, summary: Summary, echo: Any) -> None:
+    """Wait for one cell's evaluation job and count it: done (and diverged), skipped, or failed with its record."""
+    task, ejob, pre_err = outcome
+    err = pre_err if ejob is None else ejob.exception()
+    if err is None and not _finished(task):  # "success" without a valid record is a failure (T15)
+        err = RuntimeError(f"job {ejob.job_id if ejob else '-'} ended without a valid result file {task.record_path}")
+    if err is not None:
+        failed_record(task, err, "pretrain" if ejob is None else ejob.job_id, "" if ejob is None else ejob.log)
+        if isinstance(err, NotApplicable):
+            summary.not_applicable.append(f"{task.label}: {err}")
+            echo(f"{head} {task.label}: skipped: {err}")
+        else:
+            summary.failed.append(task.label)
+            name = getattr(err, "remote_type", type(err).__name__)
+            echo(f"{head} {task.label}: failed: {name}: {str(err).splitlines()[0] if str(err) else ''}")
+        return
+    rec = json.loads(Path(task.record_path).read_text())
+    summary.done += 1
+    if rec["status"] == "diverged":
+        summary.diverged.append(task.label)
+    shown = ", ".join(f"{r['metric']} {100 * r['value']:.2f}" for r in rec["rows"] if r["split"] == "test" and r["value"] == r["value"])
+    echo(f"{head} {task.label}: {rec['status']} {shown}")

@@ -25,15 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmark.augment import ViewSpec, make_views, torchvision_view
 from benchmark.config import DataConfig, PretrainConfig
-from benchmark.data import ImageSet, Splits, load_splits
+from benchmark.data.augment import ViewSpec, make_views, torchvision_view
+from benchmark.data.datasets import load_splits
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.device import describe
-from benchmark.encoder import FrozenEncoder, extract_features, split_features
 from benchmark.errors import SSLBenchError
-from benchmark.optim import build_optimizer
-from benchmark.pretrain import build_method, compile_parts
+from benchmark.evaluate.encoder import FrozenEncoder, extract_features, split_features
 from benchmark.registry import METHODS, PROTOCOLS
+from benchmark.train.optim import build_optimizer
+from benchmark.train.pretrain import build_method, compile_parts
 
 
 @dataclass
@@ -247,7 +248,7 @@ def main(argv: list[str]) -> int:
         return 2
     print(format_report(report))
     if args.json:
-        from benchmark.io import atomic_write_json
+        from benchmark.store.io import atomic_write_json
 
         atomic_write_json(args.json, report)
     return 0

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmark.detection import Detections, DetectionSet
+from benchmark.data.detection import Detections, DetectionSet
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats, in order
 

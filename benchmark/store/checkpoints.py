@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from benchmark.errors import CheckpointIntegrityError
-from benchmark.io import atomic_save, atomic_write_text
+from benchmark.store.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmark.data import DatasetSpec, ImageSet, RawDataset
+from benchmark.data.sets import DatasetSpec, ImageSet, RawDataset
 from benchmark.errors import DatasetError
 from benchmark.registry import register_dataset
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmark.augment import ViewSpec, augment
-from benchmark.data import ImageSet
-from benchmark.optim import param_groups
+from benchmark.data.augment import ViewSpec, augment
+from benchmark.data.sets import ImageSet
+from benchmark.train.optim import param_groups
 
 
 @dataclass(frozen=True)

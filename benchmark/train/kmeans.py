@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import check
-from benchmark.data import Splits
+from benchmark.data.sets import Splits
 
 SPLIT_EPS = 1 / 1024  # relative perturbation of a split centroid (faiss Clustering.cpp, EPS)
 EXTRACT_BATCH = 512  # images per forward pass when featurising the training set (eval mode: no effect on values)

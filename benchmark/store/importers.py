@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmark.checkpoints import save_verified, sha256_file, verify
 from benchmark.errors import ConfigError, SSLBenchError
-from benchmark.io import atomic_save
 from benchmark.registry import Registry
+from benchmark.store.checkpoints import save_verified, sha256_file, verify
+from benchmark.store.io import atomic_save
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from benchmark.config import DataConfig
-from benchmark.data import ImageSet, Splits, convert_channels, load_splits, resize
-from benchmark.io import atomic_write_text
+from benchmark.data.datasets import load_splits
+from benchmark.data.sets import ImageSet, Splits, convert_channels, resize
+from benchmark.store.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def resized(images: ImageSet, size: int) -> ImageSet:
 
 def class_balanced_fraction(y: Tensor, fraction: float, seed: int) -> Tensor:
     """Sorted indices of round(fraction·N) samples (at least one per class), class-balanced, fixed by `seed`."""
-    from benchmark.data import balanced_subset
+    from benchmark.data.sets import balanced_subset
 
     classes = int(y.max()) + 1 if len(y) else 0
     n = max(classes, round(fraction * len(y)))

@@ -1,6 +1,6 @@
 """Detectron2 backend of the detection protocol: convert a torchvision ResNet, train a named recipe, predict.
 
-The recipes are the ones the SSL literature reports (PROTOCOLS.md 4.9), written as overrides on Detectron2's
+The recipes are the ones the SSL literature reports (docs/protocols.md#detection), written as overrides on Detectron2's
 `get_cfg()` defaults: MoCo's (He et al. 2020, https://arxiv.org/abs/1911.05722; github.com/facebookresearch/moco
 `detection/configs/Base-RCNN-C4-BN.yaml` + `pascal_voc_R_50_C4_24k_moco.yaml` / `coco_R_50_C4_2x_moco.yaml`,
 `detection/train_net.py`, `detection/convert-pretrain-to-detectron2.py`) and Detectron2's own
@@ -13,7 +13,7 @@ both compute exactly BN (Detectron2's NaiveSyncBatchNorm falls back to BatchNorm
 only the per-process batch differs from an 8-GPU run (16 images on one process instead of 2 per GPU).
 
 Detectron2 has no PyPI release (https://github.com/facebookresearch/detectron2, INSTALL.md), so it is imported
-inside the functions that need it: `import benchmark.d2backend` works without it.
+inside the functions that need it: `import benchmark.evaluate.detection.d2backend` works without it.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmark.data import convert_channels
-from benchmark.detection import Detections, DetectionSet
+from benchmark.data.detection import Detections, DetectionSet
+from benchmark.data.sets import convert_channels
 from benchmark.errors import ConfigError
-from benchmark.io import atomic_write_bytes
+from benchmark.store.io import atomic_write_bytes
 
 __all__ = ["VARIANTS", "Schedule", "detectron2_cfg", "head_of", "load_backbone", "to_detectron2", "train_and_predict",
            "write_detectron2_checkpoint"]
@@ -60,7 +60,7 @@ def _d2_name(key: str, head: str) -> str | None:
     downsample -> shortcut); here it gets the module path of the head: C4 keeps stem and res2-res4 in `backbone.`
     and res5 in the RoI head (Res5ROIHeads), FPN puts the whole ResNet under `backbone.bottom_up.`.
     """
-    from benchmark.importers import detectron2_name
+    from benchmark.store.importers import detectron2_name
 
     if head not in HEADS:
         raise ConfigError(f"unknown detection head {head!r}: use one of {', '.join(HEADS)}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.io import atomic_write_json, atomic_write_text, is_temp
+from benchmark.store.io import atomic_write_json, atomic_write_text, is_temp
 
 log = logging.getLogger(__name__)
 

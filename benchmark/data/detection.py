@@ -149,7 +149,7 @@ def read_voc(root: str | Path, year: str | int, image_set: str, classes: tuple[s
 
     `classes` defaults to the 20 VOC classes; an object of another class is an error naming the file.
     """
-    from benchmark.voc import VOC_CLASSES, _parse_annotation_bytes, _read_bytes, read_image_set, voc_dir
+    from benchmark.data.voc import VOC_CLASSES, _parse_annotation_bytes, _read_bytes, read_image_set, voc_dir
 
     classes = classes or VOC_CLASSES
     index = {c: i for i, c in enumerate(classes)}
@@ -308,7 +308,7 @@ def build_embedded(spec: EmbeddedSpec = EmbeddedSpec(), fmnist_root: str | None 
     """
     from PIL import Image
 
-    from benchmark.data import load_raw
+    from benchmark.data.datasets import load_raw
 
     raw = load_raw("fashion_mnist", fmnist_root)
     key = _digest(repr((spec, raw.source_hash, EMBEDDED_VERSION)).encode())[:12]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # benchmark/store/provenance.py -> the checkout
 CODE = ["benchmark", "methods", "protocols", "run_benchmark.py", "pyproject.toml"]
 
 

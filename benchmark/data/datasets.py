@@ -1,0 +1,91 @@
+"""Datasets held in memory as uint8 tensors, with a fixed held-out validation split.
+
+Nothing is ever downloaded. Each dataset is read from a local root: `--data-root`/`data.root`, else
+`$SSLBENCH_DATA_<NAME>`, else the dataset's default path. A missing or corrupt dataset raises a
+`DatasetError` naming the path tried and how to get the data, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from benchmark.config import DataConfig
+from benchmark.data import readers, voc  # noqa: F401  (importing them registers the datasets they read)
+from benchmark.data.sets import DatasetSpec, RawDataset, Splits, balanced_subset, resize
+from benchmark.errors import DatasetError
+from benchmark.registry import DATASETS
+from benchmark.store.io import atomic_write_text
+
+
+def resolve_root(name: str, root: str | None) -> Path:
+    spec: DatasetSpec = DATASETS.get(name)
+    env = f"SSLBENCH_DATA_{name.upper()}"
+    chosen = root or os.environ.get(env) or spec.default_root
+    if chosen is None:
+        raise DatasetError(f"dataset {name!r} needs a root: pass --data-root DIR or set ${env}. {spec.how_to_get}")
+    path = Path(chosen).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset {name!r} not found at {path}. {spec.how_to_get}")
+    return path
+
+
+def load_raw(name: str, root: str | None) -> RawDataset:
+    """Load the full train and test sets of `name` (raises `DatasetError`)."""
+    spec: DatasetSpec = DATASETS.get(name)
+    path = resolve_root(name, root)
+    try:
+        return spec.load(path)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError) as e:
+        raise DatasetError(f"dataset {name!r} at {path} is unreadable or corrupt ({type(e).__name__}: {e}). {spec.how_to_get}") from None
+
+
+_CACHE: dict[tuple[str, str | None, DataConfig], Splits] = {}
+
+
+def load_splits(name: str, cfg: DataConfig) -> Splits:
+    """Load, subset, split and resize `name` as `cfg` says (memoised per process)."""
+    key = (name, cfg.root, cfg)
+    if key not in _CACHE:
+        _CACHE[key] = make_splits(name, load_raw(name, cfg.root), cfg)
+    return _CACHE[key]
+
+def make_splits(name: str, raw: RawDataset, cfg: DataConfig) -> Splits:
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    train, test = raw.train, raw.test
+    ids = torch.arange(len(train))
+    if cfg.train_size is not None:
+        ids = balanced_subset(train.y, cfg.train_size, g)
+        train = train.subset(ids)
+    if cfg.test_size is not None:
+        test = test.subset(balanced_subset(test.y, cfg.test_size, g))
+    n_val = max(raw.num_classes, round(cfg.val_fraction * len(train)))
+    val_idx = balanced_subset(train.y, n_val, g)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_idx] = False
+    val, train = train.subset(val_idx), train.subset(keep.nonzero().squeeze(1))
+    if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:
+        train, val, test = (resize(s, cfg.image_size) for s in (train, val, test))
+    xf = train.x.float().div_(255)
+    mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    settings = json.dumps([raw.source_hash, cfg.train_size, cfg.test_size, cfg.val_fraction, cfg.split_seed, cfg.image_size])
+    fp = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return Splits(name, train, val, test, raw.num_classes, mean, std, fp, ids[val_idx])
+
+
+def save_split_file(splits: Splits, path: Path) -> None:
+    """Save the validation split (indices into the source train set) and sizes next to the results."""
+    info = {
+        "dataset": splits.name,
+        "fingerprint": splits.fingerprint,
+        "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "val_ids": splits.val_ids.tolist(),
+    }
+    atomic_write_text(path, json.dumps(info))

@@ -1,0 +1,290 @@
+"""The shared pretraining loop: any registered method, any backbone, resumable bit for bit.
+
+What the loop calls on a method, and when, is the `Method` contract in `benchmark.train.method`; the optional
+members are read once through its `Hooks` adapter. `pretrain.clip_grad` clips gradients per parameter.
+
+Randomness is derived from (seed, epoch, step), so a run resumed from a checkpoint draws the same
+batches and the same augmentations as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from benchmark.backbones import build_backbone
+from benchmark.config import PretrainConfig
+from benchmark.data.augment import ViewSpec, make_views
+from benchmark.data.sets import Splits
+from benchmark.errors import ConfigError
+from benchmark.store.checkpoints import CheckpointDir
+from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
+from benchmark.train.method import Hooks, Method, check_method
+from benchmark.train.monitors import is_collapsed, rankme, std_of_l2_normalized
+from benchmark.train.optim import base_lr, build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple, stable across processes and Python versions."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class PretrainOutcome:
+    status: str  # ok | collapsed | diverged
+    encoder: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged_at: int | None = None
+    last_finite_loss: float | None = None
+    steps: int = 0
+
+
+def build_method(method_cls: Callable[..., Any], method_cfg: Any, cfg: PretrainConfig, splits: Splits, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg, splits.channels, splits.image_size)
+    model: nn.Module = method_cls(backbone, method_cfg)
+    check_method(model)
+    return model
+
+
+def device_resident(x: Tensor, device: torch.device, budget: float = 0.25) -> Tensor:
+    """`x` (uint8 images) moved to a CUDA `device` once when it takes at most `budget` of the free memory there, so
+    that batches are indexed on the GPU without host copies; else (or on the CPU) `x` itself."""
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    if x.numel() * x.element_size() > budget * free:
+        log.info("dataset (%.1f GiB) does not fit the GPU budget; batches are copied from pinned memory", x.numel() / 2**30)
+        return x
+    return x.to(device)
+
+
+def compile_parts(model: nn.Module, mode: str) -> Callable[[], None]:
+    """`torch.compile` every child module of `model` that has parameters (backbone, heads, EMA copies) in place, with
+    static shapes (multi-crop sizes compile once each); state-dict names are unchanged. Returns the undo, which puts
+    the eager forwards back so that the encoder handed to the protocols is a plain module. Mode "none": nothing."""
+    if mode == "none":
+        return lambda: None
+    parts = [m for m in model.children() if any(True for _ in m.parameters())]
+    for m in parts:
+        m.compile(mode=None if mode == "default" else mode, dynamic=False)
+
+    def undo() -> None:
+        for m in parts:
+            m._compiled_call_impl = None  # what nn.Module.compile sets; None restores the eager __call__
+    return undo
+
+
+def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: int = 512) -> dict[str, float]:
+    """std·sqrt(d) and RankMe of the encoder's features on a fixed slice of the validation split."""
+    was_training = encoder.training
+    encoder.eval()
+    mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
+    with torch.no_grad():
+        x = (splits.val.x[:n].to(device).float() / 255 - mean) / std
+        z = encoder(x).float()
+    encoder.train(was_training)
+    return {"std_l2": std_of_l2_normalized(z), "rankme": rankme(z)}
+
+
+def pretrain(
+    model: nn.Module,
+    splits: Splits,
+    cfg: PretrainConfig,
+    seed: int,
+    ckpt_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "pretrain",
+) -> PretrainOutcome:
+    """Train `model` on `splits.train` (labels withheld unless the method uses them).
+
+    Resumes from the newest valid checkpoint in `ckpt_dir`. Raises nothing for divergence: a
+    non-finite loss ends the run with status `diverged`. With `cfg.compile` the model's parts run compiled during
+    training only.
+    """
+    uncompile = compile_parts(model, cfg.compile)
+    try:
+        return _pretrain(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+    finally:
+        uncompile()
+
+
+@dataclass
+class _Run:
+    """One training run's state, shared by the steps below."""
+
+    model: nn.Module
+    method: Method
+    hooks: Hooks
+    cfg: PretrainConfig
+    splits: Splits
+    seed: int
+    device: torch.device
+    specs: list[ViewSpec]
+    opt: torch.optim.Optimizer
+    ckpts: CheckpointDir
+    data_x: Tensor
+    bar: Any
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    world: int
+    me: int
+    sync_every: int
+    amp: bool
+    params: list[nn.Parameter]
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    step: int = 0
+    last_finite: float | None = None
+    desc: str = "pretrain"
+
+    def diverged(self, at: int) -> PretrainOutcome:
+        self.bar.close()
+        log.error("diverged at step %d (last finite loss %s)", at, self.last_finite)
+        return PretrainOutcome("diverged", self.method.encoder(), self.history, at, self.last_finite, at)
+
+
+def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, ckpt_dir: Path, device: torch.device,
+              progress: bool, desc: str) -> PretrainOutcome:
+    run = _prepare(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        if run.hooks.before_epoch is not None:
+            run.hooks.before_epoch(epoch, splits, device, derive_seed(seed, "before_epoch", epoch))
+            run.model.train()
+        t0 = time.perf_counter()
+        running = _train_epoch(run, epoch)
+        if isinstance(running, PretrainOutcome):
+            return running
+        stats = collapse_stats(run.method.encoder(), splits, device)
+        run.history.append({"epoch": epoch + 1, "loss": running / run.steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
+        log.info("%s epoch %d: %s", desc, epoch + 1, run.history[-1])
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            _save(run, epoch + 1)
+    run.bar.close()
+    final = run.history[-1] if run.history else collapse_stats(run.method.encoder(), splits, device)
+    dim = int(getattr(run.method.encoder(), "dim", 1))
+    status = "collapsed" if is_collapsed(final["std_l2"], final["rankme"], dim) and cfg.epochs > 0 else "ok"
+    return PretrainOutcome(status, run.method.encoder(), run.history, None, run.last_finite, run.step)
+
+
+def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, ckpt_dir: Path, device: torch.device,
+             progress: bool, desc: str) -> _Run:
+    """Place the model, build the optimiser, and resume from the newest valid checkpoint in `ckpt_dir`."""
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
+    hooks = Hooks.of(model)
+    # Several processes (torchrun, or SLURM tasks): each takes its slice of the same global batch, gradients are
+    # averaged, and only rank 0 writes; losses that need the global batch gather it (benchmark.train.distributed).
+    world, me = world_size(), rank()
+    if cfg.batch_size % world:
+        raise ConfigError(f"pretrain.batch_size ({cfg.batch_size}) is the global batch: it must be divisible by the {world} processes")
+    if world > 1 and device.type == "cuda" and hooks.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # BN statistics over the global batch, as the method's code
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    method = cast(Method, model)
+    specs = method.views(splits.image_size)
+    steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
+    run = _Run(model, method, hooks, cfg, splits, seed, device, specs, build_optimizer(model, cfg), CheckpointDir(ckpt_dir, cfg.keep_checkpoints),
+               data_x=splits.train.x, bar=None, steps_per_epoch=steps_per_epoch, total=steps_per_epoch * cfg.epochs,
+               warmup=round(cfg.warmup_epochs * steps_per_epoch), world=world, me=me,
+               sync_every=cfg.sync_every or (50 if device.type == "cuda" else 1), amp=device.type == "cuda" and cfg.amp,
+               params=[p for p in model.parameters() if p.requires_grad], desc=desc)
+    state = run.ckpts.load_latest()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.start_epoch, run.step, run.history = state["epoch"], state["step"], list(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        log.info("resumed from epoch %d of %s", run.start_epoch, ckpt_dir)
+    run.data_x = device_resident(splits.train.x, device)
+    run.last_finite = run.history[-1]["loss"] if run.history else None
+    run.bar = tqdm(total=run.total, initial=run.step, desc=desc, disable=not progress or me != 0, dynamic_ncols=True, leave=False,
+                   mininterval=0.5)
+    model.train()
+    return run
+
+
+def _batch(run: _Run, perm: Tensor, i: int) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    """Step `i` of the epoch whose order is `perm`: this process's views, labels (if the method uses them), indices."""
+    cfg, device = run.cfg, run.device
+    idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+    if run.data_x.device.type == device.type:  # on the device already (or both on the CPU)
+        x = run.data_x[idx.to(run.data_x.device)]
+    else:  # did not fit the GPU: pinned host memory, asynchronous copy
+        x = run.data_x[idx].pin_memory().to(device, non_blocking=True)
+    g = torch.Generator(device).manual_seed(derive_seed(run.seed, "views", run.step))
+    views = make_views(x, run.specs, run.splits.mean, run.splits.std, g)  # the global batch's views, then this process's rows
+    if run.world > 1:
+        local = cfg.batch_size // run.world
+        mine = slice(run.me * local, (run.me + 1) * local)
+        views, idx = [v[mine] for v in views], idx[mine]
+    if cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    labels = run.splits.train.y[idx].to(device) if run.hooks.uses_labels else None
+    return views, labels, idx
+
+
+def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
+    """One epoch of steps. Returns the sum of its losses, or the outcome when the loss stopped being finite."""
+    cfg = run.cfg
+    perm = torch.randperm(len(run.splits.train), generator=torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch)))
+    running = 0.0
+    pending: list[Tensor] = []  # per-step losses not yet read on the host
+    for i in range(run.steps_per_epoch):
+        views, labels, idx = _batch(run, perm, i)
+        progress = run.step / max(1, run.total)
+        wd = run.hooks.weight_decay_at(progress, cfg.weight_decay) if run.hooks.weight_decay_at is not None else None
+        set_hyperparameters(run.opt, lr_at(run.step, run.total, run.warmup, base_lr(cfg), cfg.min_lr), base_lr(cfg), wd)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            loss = run.hooks.loss(run.method, views, progress, labels, idx.to(run.device))
+        pending.append(all_reduce_mean(loss.detach().float().clone()))  # the same on every process; stays on the device
+        if run.sync_every == 1 and not math.isfinite(float(pending[-1])):  # CPU: stop before the step applies NaNs
+            return run.diverged(run.step)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        average_gradients(run.params)
+        if cfg.clip_grad > 0:
+            clip_per_parameter(run.model, cfg.clip_grad)
+        run.opt.step()
+        run.step += 1
+        run.bar.update(1)
+        if len(pending) >= run.sync_every or i == run.steps_per_epoch - 1:
+            # one host sync for `sync_every` steps: the GPU keeps its queue full in between
+            values = torch.stack(pending).tolist()
+            first = run.step - len(values)
+            pending.clear()
+            for k, value in enumerate(values):
+                if not math.isfinite(value):
+                    return run.diverged(first + k)
+                run.last_finite = value
+                running += value
+            run.bar.set_postfix(epoch=epoch + 1, loss=f"{values[-1]:.3f}", refresh=False)
+    return running
+
+
+def _save(run: _Run, epochs_done: int) -> None:
+    """A checkpoint after `epochs_done` epochs (rank 0 writes): weights, optimiser, position, history, RNG."""
+    state = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epochs_done, "step": run.step,
+             "history": run.history, "rng_cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    if run.me == 0:
+        run.ckpts.save(state, epochs_done)

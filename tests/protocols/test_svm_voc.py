@@ -11,7 +11,7 @@ from benchmark.data.voc import VOC_CLASSES
 from benchmark.errors import ConfigError
 from benchmark.run.executor import LocalExecutor
 from benchmark.run.runner import Request, plan, run
-from tests.benchmark.test_voc import Obj, make_devkit
+from tests.benchmark.data.test_voc import Obj, make_devkit
 
 
 def _tree(tmp_path: Path) -> Path:

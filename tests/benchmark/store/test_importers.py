@@ -44,7 +44,7 @@ from benchmark.store.importers import (
 )
 from benchmark.store.io import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def scramble(model: nn.Module, seed: int) -> nn.Module:

@@ -450,13 +450,18 @@ class Summary:
 
 
 def _finished(task: EvalTask) -> bool:
+    """The cell has a valid record: a JSON object with a final status and at least one row, every row of this cell's
+    configuration. Anything else (missing, unreadable, edited down to `{"status": "ok"}`, a list) is rerun."""
     p = Path(task.record_path)
-    if not p.is_file():
-        return False
     try:
-        return json.loads(p.read_text()).get("status") in ("ok", "collapsed", "diverged", "skipped")
-    except ValueError:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(rec, dict) or rec.get("status") not in ("ok", "collapsed", "diverged", "skipped"):
+        return False
+    rows = rec.get("rows")
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and r.get("config_hash") == task.config_hash
+                                                         for r in rows)
 
 
 def _cell_row(task: EvalTask) -> dict[str, Any]:

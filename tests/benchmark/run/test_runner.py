@@ -146,3 +146,19 @@ def test_a_job_that_returns_without_a_valid_record_counts_as_failed_and_is_rerun
     monkeypatch.undo()
     again = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
     assert again.done == 4 and again.skipped == 0 and not again.failed
+
+
+@pytest.mark.parametrize("content", ['{"status": "ok"}', '{"status": "ok", "rows": []}', '[1, 2]', '"ok"',
+                                     '{"status": "ok", "rows": [{"config_hash": "someone-else"}]}'])
+def test_a_record_without_rows_of_its_cell_is_not_done(tmp_path: Path, content: str) -> None:
+    """Issue 18 item 4: a record edited to `{"status": "ok"}` counted as done (the method vanished from the tables);
+    a record that is a JSON list crashed the rerun with a traceback. Both are rerun now."""
+    req = _request(tmp_path, methods=("random",), protocols=("knn",))
+    first = run(plan(req), LocalExecutor(), tmp_path, echo=lambda *_: None)
+    assert first.done == 1
+    (task,) = plan(req).evals
+    Path(task.record_path).write_text(content)
+    again = run(plan(req), LocalExecutor(), tmp_path, echo=lambda *_: None)
+    assert (again.done, again.skipped, again.failed) == (1, 0, [])
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert list(board["method"]) == ["random"]

@@ -51,8 +51,9 @@ def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext
     del seed, ctx  # deterministic, writes nothing
     f = split_features(encoder, data)
     bank_f, bank_y = torch.cat([f["train"][0], f["val"][0]]), torch.cat([f["train"][1], f["val"][1]])
-    scores = knn_predict(bank_f, bank_y, f["test"][0], cfg.k, cfg.temperature, data.num_classes)
-    sel = f"fixed k={cfg.k} T={cfg.temperature}"
+    k = min(cfg.k, len(bank_y))  # the vote cannot use more neighbours than the bank holds: say which k was used
+    scores = knn_predict(bank_f, bank_y, f["test"][0], k, cfg.temperature, data.num_classes)
+    sel = f"fixed k={k} T={cfg.temperature}" + (f" (k={cfg.k} asked; the bank holds {k})" if k < cfg.k else "")
     rows = [Row("top1", topk_accuracy(scores, f["test"][1], 1), selection=sel, n_train=len(bank_y))]
     if data.num_classes > 5:
         rows.append(Row("top5", topk_accuracy(scores, f["test"][1], 5), selection=sel, n_train=len(bank_y)))

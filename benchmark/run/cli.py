@@ -178,6 +178,7 @@ def build_request(args: argparse.Namespace) -> Request:
         datasets=_names(args.datasets, suite.datasets, "datasets"),
         seeds=_seeds(args.seeds, suite.seeds),
         overrides=C.merge(suite.overrides, user),
+        base_overrides=C.merge(suite.overrides),
         out=args.out,
         suite=suite.name,
         device=str(device),

@@ -68,6 +68,13 @@ class Request:
     force: bool = False
     progress: bool = True
     checkpoints: tuple[CheckpointSpec, ...] = ()
+    # what the suite sets (a part of `overrides`): a result's `variant` names what differs from it, so that a row trained
+    # or evaluated under `--set knn.k=5` reads `simclr [knn.k=5]` on the leaderboard. None: `overrides` (no variants).
+    base_overrides: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def base(self) -> dict[str, dict[str, Any]]:
+        return self.overrides if self.base_overrides is None else self.base_overrides
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class PretrainTask:
     progress: bool
     checkpoint: CheckpointSpec | None = None  # set: import this file instead of pretraining
     checkpoint_sha256: str | None = None  # of `checkpoint.path` when the grid was planned
+    setting: str = ""  # hash of the resolved pretraining without the seed: the seeds of one setting share it
+    variant: str = ""  # what the pretraining changes from the suite, e.g. "pretrain.epochs=0"
 
     @property
     def label(self) -> str:
@@ -101,6 +110,8 @@ class EvalTask:
     eval_cfg: C.EvalConfig
     config_hash: str
     record_path: str
+    setting: str = ""  # hash of the cell without the seed: a leaderboard cell averages only seeds of one setting
+    variant: str = ""  # what the cell changes from the suite ("knn.k=5"): its leaderboard row is `method [variant]`
 
     @property
     def label(self) -> str:
@@ -139,6 +150,36 @@ def _fill_from_data(cfg: Any, num_classes: int, num_samples: int | None = None) 
     return cfg
 
 
+def _show(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def _variant(sections: dict[str, tuple[Any, Any]]) -> str:
+    """`section.key=value, ...` for each hashed field whose resolved value differs from the base's (the suite's)."""
+    parts = []
+    for name, (cfg, base) in sections.items():
+        got, ref = C.to_dict(cfg, semantic_only=True), C.to_dict(base, semantic_only=True)
+        parts += [f"{name}.{k}={_show(v)}" for k, v in sorted(got.items()) if k not in ref or ref[k] != v]
+    return ", ".join(parts)
+
+
+def _pretrain_cfgs(method: str, ov: dict[str, dict[str, Any]], splits: Any) -> tuple[C.PretrainConfig, Any]:
+    """The resolved pretraining and method configs of `method` under the override layers `ov`."""
+    entry = METHODS.entry(method)
+    # a method's `pretrain` defaults yield to the suite and the user (`pretrain`, then the method's own
+    # `pretrain@<method>` section); its `pretrain_fixed` settings do not
+    pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {}),
+                                                     **ov.get(f"pretrain@{method}", {}),
+                                                     **entry.meta.get("pretrain_fixed", {})}, "pretrain")
+    allowed = entry.meta.get("backbones")  # a method that only works on some backbones (MAE: ViTs)
+    if allowed and pre_cfg.backbone not in allowed:
+        log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
+        pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
+    m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes,
+                            len(splits.train))
+    return pre_cfg, m_cfg
+
+
 def plan(req: Request) -> Plan:
     """Resolve and validate everything (names, configs, datasets) before any work starts."""
     for names, reg in ((req.methods, METHODS), (req.protocols, PROTOCOLS), (req.datasets, DATASETS)):
@@ -146,7 +187,9 @@ def plan(req: Request) -> Plan:
             reg.entry(name)
     _check_sections(req.overrides)
     ov = req.overrides
+    base = req.base
     data_cfg = C.apply_overrides(C.DataConfig(), ov.get("data", {}), "data")
+    base_data = C.apply_overrides(C.DataConfig(), base.get("data", {}), "data")
     eval_cfg = C.apply_overrides(C.EvalConfig(), ov.get("eval", {}), "eval")
     for name in set(ov) & set(METHODS.names()) | set(ov) & set(PROTOCOLS.names()):  # typos fail even off-grid
         reg = METHODS if name in METHODS else PROTOCOLS
@@ -158,32 +201,27 @@ def plan(req: Request) -> Plan:
         splits = load_splits(dataset, data_cfg)  # fails now, not inside a job, if the data is missing
         for ck, report in zip(req.checkpoints, imported):
             pre_cfg = C.PretrainConfig(backbone=report.arch.split(" ")[0], epochs=0)
+            identity = {"checkpoint_sha256": report.sha256, "arch": report.arch, "layout": report.layout,
+                        "teacher": ck.teacher, "data": data_cfg, "dataset": dataset, "fingerprint": splits.fingerprint}
             for seed in req.seeds:
-                ph = C.config_hash({"checkpoint_sha256": report.sha256, "arch": report.arch, "layout": report.layout,
-                                    "teacher": ck.teacher, "data": data_cfg, "dataset": dataset, "fingerprint": splits.fingerprint})
+                ph = C.config_hash(identity)
                 run_dir = out / "runs" / dataset / ck.name / f"checkpoint-{ph}"
                 pt = PretrainTask(ck.name, dataset, seed, data_cfg, pre_cfg, None, ph, str(run_dir), str(out), req.suite,
-                                  req.device, req.progress, ck, report.sha256)
+                                  req.device, req.progress, ck, report.sha256, setting=ph,
+                                  variant=_variant({"data": (data_cfg, base_data)}))
                 pre_tasks.append(pt)
                 eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
         for method in req.methods:
-            entry = METHODS.entry(method)
-            # a method's `pretrain` defaults yield to the suite and the user (`pretrain`, then the method's own
-            # `pretrain@<method>` section); its `pretrain_fixed` settings do not
-            pre_cfg = C.apply_overrides(C.PretrainConfig(), {**entry.meta.get("pretrain", {}), **ov.get("pretrain", {}),
-                                                             **ov.get(f"pretrain@{method}", {}),
-                                                             **entry.meta.get("pretrain_fixed", {})}, "pretrain")
-            allowed = entry.meta.get("backbones")  # a method that only works on some backbones (MAE: ViTs)
-            if allowed and pre_cfg.backbone not in allowed:
-                log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
-                pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
-            m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes,
-                                    len(splits.train))
+            pre_cfg, m_cfg = _pretrain_cfgs(method, ov, splits)
+            base_pre, base_m = _pretrain_cfgs(method, base, splits)
+            identity = {"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg, "dataset": dataset,
+                        "fingerprint": splits.fingerprint}
+            variant = _variant({"data": (data_cfg, base_data), "pretrain": (pre_cfg, base_pre), method: (m_cfg, base_m)})
             for seed in req.seeds:
-                ph = C.config_hash({"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg,
-                                    "dataset": dataset, "fingerprint": splits.fingerprint, "seed": seed})
+                ph = C.config_hash({**identity, "seed": seed})
                 run_dir = out / "runs" / dataset / method / f"seed{seed}-{ph}"
-                pt = PretrainTask(method, dataset, seed, data_cfg, pre_cfg, m_cfg, ph, str(run_dir), str(out), req.suite, req.device, req.progress)
+                pt = PretrainTask(method, dataset, seed, data_cfg, pre_cfg, m_cfg, ph, str(run_dir), str(out), req.suite, req.device,
+                                  req.progress, setting=C.config_hash(identity), variant=variant)
                 pre_tasks.append(pt)
                 eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
     return Plan(pre_tasks, eval_tasks, [report.summary() for report in imported])
@@ -199,12 +237,14 @@ def _eval_tasks(req: Request, pt: PretrainTask, splits: Any, eval_cfg: C.EvalCon
             raise ConfigError(f"dataset {pt.dataset!r} is multi-label; protocol {protocol!r} needs one label per image "
                               f"(multi-label protocols: {able or 'none'})")
         version = PROTOCOLS.version(protocol)
-        p_cfg = _fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), req.overrides.get(protocol, {}), protocol),
-                                splits.num_classes)
+        p_cfg, base_cfg = (_fill_from_data(C.apply_overrides(PROTOCOLS.default_config(protocol), layers.get(protocol, {}), protocol),
+                                           splits.num_classes) for layers in (req.overrides, req.base))
         # a cell is (method or checkpoint, protocol@version, dataset, seed, resolved config, checkpoint sha256)
         ch = C.config_hash({"pretrain_hash": pt.pretrain_hash, "protocol": protocol, "version": version, "cfg": p_cfg})
+        setting = C.config_hash({"pretrain_setting": pt.setting, "protocol": protocol, "version": version, "cfg": p_cfg})
+        variant = ", ".join(filter(None, [pt.variant, _variant({protocol: (p_cfg, base_cfg)})]))
         rec = Path(pt.out) / "records" / pt.dataset / pt.method / f"{protocol}@{version}" / f"seed{pt.seed}-{ch}.json"
-        tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec)))
+        tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec), setting, variant))
     return tasks
 
 
@@ -386,7 +426,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "run_id": uuid.uuid4().hex[:12], "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
         "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
-        "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "git_sha": sha, "git_dirty": dirty,
+        "config_hash": task.config_hash, "setting": task.setting, "variant": task.variant, "pretrain_hash": pt.pretrain_hash,
+        "git_sha": sha, "git_dirty": dirty,
         # the pretraining's code (absent for encoders trained before it was recorded, and for imported checkpoints)
         "pretrain_git_sha": meta.get("git_sha"), "pretrain_git_dirty": meta.get("git_dirty"),
         "torch": v["torch"], "python": v["python"], "device": describe(device), "attempts": meta.get("attempts"),
@@ -428,7 +469,8 @@ def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = 
     msg = (str(error) if status == "skipped" else f"{name}: {error}").splitlines()[0][:300]
     prov = {"run_id": job_id, "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
             "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
-            "config_hash": task.config_hash, "pretrain_hash": pt.pretrain_hash, "status": status, "flags": msg,
+            "config_hash": task.config_hash, "setting": task.setting, "variant": task.variant, "pretrain_hash": pt.pretrain_hash,
+            "status": status, "flags": msg,
             "finished_at": now(), "job_id": job_id, "log": log}
     record = {"status": status, "error": (getattr(error, "text", "") or "".join(traceback.format_exception(error)))[-4000:],
               "rows": [row_dict(Row(status, float("nan")), prov)]}

@@ -3,6 +3,11 @@
 `results.csv` (tidy: one metric per row) and `leaderboard.csv` / `leaderboard.md` (pandas pivot:
 method x dataset/protocol@version/metric, mean ± std over seeds) are rebuilt from the records and
 never edited by hand.
+
+A result's identity is its cell's `config_hash` (method or checkpoint, resolved configs, protocol@version, dataset
+and its fingerprint, seed): two configurations never overwrite each other, and the latest attempt of one cell wins.
+The leaderboard averages over seeds only within one `setting` (the cell's hash without the seed) and names a
+configuration by its `variant`, what it changes from the suite: `simclr [knn.k=5]` is a row beside `simclr`.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ class Row:
 COLUMNS = [
     "run_id", "method", "checkpoint", "protocol", "protocol_version", "dataset", "split", "metric", "value",
     "ci95", "std", "min", "max", "selection", "seed", "n_train", "status", "flags", "suite", "backbone", "config_hash",
-    "pretrain_hash", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
+    "setting", "variant", "pretrain_hash", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
     "pretrain_git_dirty", "torch", "python",
     "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s", "job_id", "log",
 ]
-KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]
+KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]  # a cell up to its configuration
 STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "failed": 4}
 
 
@@ -76,9 +81,13 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
-    # one result per cell key and metric: the latest finished attempt wins
-    df = df.sort_values(["finished_at", "run_id"]).drop_duplicates(KEY + ["split", "metric"], keep="last")
-    return df.sort_values(KEY + ["split", "metric"], kind="stable").reset_index(drop=True)
+    # one result per cell and metric: the latest finished attempt wins (rows written before cells were hashed: per KEY)
+    legacy = df[KEY].astype(str).agg("|".join, axis=1)
+    df = df.assign(_cell=df["config_hash"].where(df["config_hash"].notna(), legacy))
+    df = df.sort_values(["finished_at", "run_id"]).drop_duplicates(["_cell", "split", "metric"], keep="last")
+    order = df.assign(_v=df["variant"].fillna("").astype(str), _s=df["setting"].fillna("").astype(str))
+    order = order.sort_values(KEY + ["_v", "_s", "split", "metric"], kind="stable")
+    return df.loc[order.index].drop(columns="_cell").reset_index(drop=True)
 
 
 def fmt(mean: float, std: float, n: int, ci95: float = float("nan")) -> str:
@@ -99,16 +108,18 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=["method"])
     ok["column"] = ok["dataset"] + "/" + ok["protocol"] + "@" + ok["protocol_version"].astype(str) + "/" + ok["metric"]
-    g = ok.groupby(["method", "column"])["value"]
-    ci = ok.assign(ci95=pd.to_numeric(ok["ci95"], errors="coerce")).groupby(["method", "column"])["ci95"].mean()
+    ok["row"] = _row_labels(ok)
+    g = ok.groupby(["row", "column"])["value"]
+    ci = ok.assign(ci95=pd.to_numeric(ok["ci95"], errors="coerce")).groupby(["row", "column"])["ci95"].mean()
     stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "n": g.count(), "ci95": ci}).reset_index()
     stats["cell"] = [fmt(m, s, n, c) for m, s, n, c in zip(stats["mean"], stats["std"], stats["n"], stats["ci95"])]
-    table = stats.pivot(index="method", columns="column", values="cell").fillna("")
+    table = stats.pivot(index="row", columns="column", values="cell").fillna("")
     table = table[sorted(table.columns)]
-    table["n_seeds"] = ok.groupby("method")["seed"].nunique()
+    table["n_seeds"] = ok.groupby("row")["seed"].nunique()
     for col in ("suite", "backbone", "device"):
-        table[col] = ok.groupby("method")[col].agg(lambda v: ",".join(sorted(set(map(str, v)))))
-    table["flags"] = ok.groupby("method")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f != "nan"})))
+        table[col] = ok.groupby("row")[col].agg(lambda v: ",".join(sorted(set(map(str, v)))))
+    table["flags"] = ok.groupby("row")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f != "nan"})))
+    table.index.name = "method"
     first = [c for c in table.columns if "/" in c]
     order = table[first[0]].str.split(" ").str[0].replace("", "nan").astype(float) if first else None
     table = table.reset_index()
@@ -117,13 +128,27 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def _row_labels(ok: pd.DataFrame) -> pd.Series:
+    """The leaderboard row of each result: `method [variant]`, one row per suite. Where one label would still average
+    two settings in a column (a default changed in the code between runs), each setting gets its own row, tagged with
+    its hash: a leaderboard never averages across configurations."""
+    variant = ok["variant"].fillna("").astype(str)
+    label = ok["method"].astype(str) + variant.map(lambda v: f" [{v}]" if v and v != "nan" else "")
+    suites = ok["suite"].fillna("").astype(str)
+    label = label.where(suites.groupby(label).transform("nunique") == 1, label + " (" + suites + ")")
+    setting = ok["setting"].fillna("").astype(str)
+    mixed = setting.groupby([label, ok["column"]]).transform("nunique") > 1
+    return label.where(~mixed, label + " {" + setting.str[:6] + "}")
+
+
 def failures(df: pd.DataFrame) -> pd.DataFrame:
-    """Failed cells, except those that a later attempt (e.g. with a fixed config) finished."""
+    """Failed cells, one line per configuration, except those that a later attempt of the same method, protocol,
+    dataset and seed (e.g. with a fixed config) finished."""
     good = df["status"].isin(["ok", "collapsed", "skipped"])
     last_good = df[good].groupby(KEY)["finished_at"].max().rename("last_good")
     bad = df[~good].join(last_good, on=KEY)
     bad = bad[bad["last_good"].isna() | (bad["finished_at"].astype(str) > bad["last_good"].astype(str))]
-    return bad.drop_duplicates(KEY)[KEY + ["status", "flags", "job_id", "log"]].reset_index(drop=True)
+    return bad.drop_duplicates(KEY + ["config_hash"])[KEY + ["variant", "status", "flags", "job_id", "log"]].reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:

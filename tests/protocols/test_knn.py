@@ -59,6 +59,15 @@ def test_separable_blobs_give_top1_of_one() -> None:
     assert rows[0].selection == "fixed k=20 T=0.07"
 
 
+
+def test_a_k_beyond_the_bank_is_recorded_as_the_k_used() -> None:
+    """Issue 18.5: k=100000 on a 200-sample bank votes with 200 neighbours, and the selection says so."""
+    data, enc = blobs(), frozen(Flatten(16), 16)
+    asked, full = knn(enc, data, Config(k=100000), seed=0), knn(enc, data, Config(k=200), seed=0)
+    assert [r.value for r in asked] == [r.value for r in full]
+    assert asked[0].selection == "fixed k=200 T=0.07 (k=100000 asked; the bank holds 200)"
+    assert full[0].selection == "fixed k=200 T=0.07"
+
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
 def test_frozen_encoder_is_bit_identical_after_the_protocol(protocol: str, digits: Splits) -> None:
     from benchmark.registry import PROTOCOLS

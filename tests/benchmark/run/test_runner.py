@@ -162,3 +162,42 @@ def test_a_record_without_rows_of_its_cell_is_not_done(tmp_path: Path, content: 
     assert (again.done, again.skipped, again.failed) == (1, 0, [])
     board = pd.read_csv(tmp_path / "leaderboard.csv")
     assert list(board["method"]) == ["random"]
+
+
+def test_a_rerun_never_shows_another_configurations_numbers(tmp_path: Path) -> None:
+    """Issue 18.1: smoke, then `--set knn.k=5`, then smoke again: each configuration keeps its own number and row."""
+    args = ("--suite", "smoke", "--datasets", "digits", "--no-progress", "--out", str(tmp_path))
+
+    def board() -> dict[str, str]:
+        return pd.read_csv(tmp_path / "leaderboard.csv", dtype=str).set_index("method")["digits/knn@1/top1"].to_dict()
+
+    assert run_cli(*args).returncode == 0
+    (first,) = board().values()
+    r = run_cli(*args, "--set", "knn.k=5")
+    assert r.returncode == 0, r.stderr
+    second = board()
+    assert second["simclr"] == first and set(second) == {"simclr", "simclr [knn.k=5]"}
+    r = run_cli(*args)
+    assert r.returncode == 0 and "0 cells done, 1 reused" in r.stdout, r.stdout
+    assert board() == second
+    df = pd.read_csv(tmp_path / "results.csv").query("metric == 'top1'")
+    assert df["config_hash"].nunique() == 2 and df["setting"].nunique() == 2
+    assert sorted(df["variant"].fillna("")) == ["", "knn.k=5"]
+
+
+@pytest.mark.parametrize("overrides, variant", [
+    ({"pretrain": {"epochs": 0}}, "pretrain.epochs=0"),
+    ({"pretrain": {"backbone": "pixels"}}, "pretrain.backbone=pixels"),
+    ({"knn": {"k": 5}, "simclr": {"temperature": 0.3}}, "simclr.temperature=0.3, knn.k=5"),
+    ({"knn": {"k": 20}}, ""),  # the suite's own value: not a variant
+])
+def test_a_cell_is_labelled_by_what_it_changes_from_the_suite(tmp_path: Path, overrides: dict[str, Any], variant: str) -> None:
+    """Issue 18.5: an untrained encoder or the pixels baseline never reads as the method's result."""
+    from benchmark import config as C
+
+    base = {**TINY, "knn": {"k": 20}}
+    req = _request(tmp_path, methods=("simclr",), protocols=("knn",), overrides=C.merge(base, overrides), base_overrides=base)
+    (task,) = plan(req).evals
+    assert task.variant == variant
+    seeds = plan(dataclasses.replace(req, seeds=(0, 1))).evals
+    assert len({t.setting for t in seeds}) == 1 and len({t.config_hash for t in seeds}) == 2

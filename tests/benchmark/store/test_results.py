@@ -10,9 +10,10 @@ from benchmark.store.results import Row, leaderboard, rebuild, row_dict, write_r
 
 
 def _rec(out: Path, name: str, method: str, seed: int, value: float, status: str = "ok", finished: str = "2026-01-01T00:00:01",
-         protocol: str = "knn", version: str = "1") -> None:
+         protocol: str = "knn", version: str = "1", **prov_kw: str) -> None:
     prov = {"run_id": name, "method": method, "protocol": protocol, "protocol_version": version, "dataset": "digits",
-            "seed": seed, "status": status, "finished_at": finished, "suite": "t", "backbone": "convnet", "device": "cpu"}
+            "seed": seed, "status": status, "finished_at": finished, "suite": "t", "backbone": "convnet", "device": "cpu",
+            **prov_kw}
     write_record(out / "records" / f"{name}.json", {"status": status, "rows": [row_dict(Row("top1", value), prov)]})
 
 
@@ -39,6 +40,27 @@ def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path)
     first = (tmp_path / "leaderboard.csv").read_bytes()
     rebuild(tmp_path)
     assert (tmp_path / "leaderboard.csv").read_bytes() == first
+
+
+def test_configurations_keep_their_own_rows_and_are_never_averaged(tmp_path: Path) -> None:
+    """Issue 18.1: results are keyed by the cell's config hash; the leaderboard averages seeds of one setting only."""
+    for seed, v in enumerate([0.50, 0.60]):  # the suite's configuration, two seeds
+        _rec(tmp_path, f"d{seed}", "simclr", seed, v, config_hash=f"d{seed}", setting="S", variant="")
+    # a later run of the same method/protocol/dataset/seed under --set knn.k=5: a new cell, not a newer attempt
+    _rec(tmp_path, "k0", "simclr", 0, 0.90, finished="2026-01-02T00:00:00", config_hash="k0", setting="K", variant="knn.k=5")
+    # a code default changed between runs: same (empty) variant, another setting -> two rows, tagged by setting
+    _rec(tmp_path, "b0", "byol", 0, 0.10, config_hash="b0", setting="aaaaaa1", variant="")
+    _rec(tmp_path, "b1", "byol", 1, 0.30, config_hash="b1", setting="bbbbbb1", variant="")
+    # the same method from another suite is another row
+    _rec(tmp_path, "o0", "mocov2", 0, 0.40, config_hash="o0", setting="M1", variant="", suite="smoke")
+    _rec(tmp_path, "o1", "mocov2", 0, 0.20, config_hash="o1", setting="M2", variant="", suite="default")
+    df, table = rebuild(tmp_path)
+    assert len(df) == 7 and set(df["variant"].fillna("")) == {"", "knn.k=5"}
+    board = table.set_index("method")["digits/knn@1/top1"].to_dict()
+    assert board == {"simclr": "55.00 ± 7.07", "simclr [knn.k=5]": "90.00", "byol {aaaaaa}": "10.00", "byol {bbbbbb}": "30.00",
+                     "mocov2 (smoke)": "40.00", "mocov2 (default)": "20.00"}
+    again = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(again.query("method == 'simclr' and seed == 0").value) == [0.5, 0.9]
 
 
 def test_empty_results_give_an_empty_leaderboard(tmp_path: Path) -> None:

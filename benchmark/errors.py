@@ -38,3 +38,7 @@ class DivergedError(SSLBenchError):
         super().__init__(f"loss is not finite at step {step} (last finite loss: {last_finite})")
         self.step = step
         self.last_finite = last_finite
+
+
+class NonFiniteError(SSLBenchError):
+    """Weights or features hold inf or NaN: nothing computed from them is a result."""

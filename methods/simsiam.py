@@ -67,6 +67,7 @@ def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, stop_gradient: 
 @register_method("simsiam", config=Config, pretrain=dict(optimizer="sgd", lr=0.05, weight_decay=1e-4, momentum=0.9, warmup_epochs=0))
 class SimSiam(nn.Module):
     sync_bn = True  # official multi-GPU code converts BN to SyncBN (statistics over the global batch)
+    loss_bound = 1.0 + 1e-3  # the mean of two negative cosines lies in [-1, 1]; float rounding aside
 
     def __init__(self, backbone: nn.Module, cfg: Config) -> None:
         super().__init__()

@@ -37,7 +37,10 @@ def test_a_checkpoint_is_a_leaderboard_row_and_a_changed_file_invalidates_only_i
     assert r.returncode == 0, r.stderr
     assert "1 of 2 cells already have results" in r.stdout and "tv_b/digits/seed0 knn@1: ok" in r.stdout
     df = pd.read_csv(out / "results.csv")
-    assert df[(df.method == "tv_b") & (df.metric == "top1")].checkpoint_sha256.tolist() == [sha256_file(b)]
+    old_and_new = df[(df.method == "tv_b") & (df.metric == "top1")].sort_values("finished_at")
+    assert old_and_new.checkpoint_sha256.tolist()[-1] == sha256_file(b) and old_and_new.pretrain_setting.nunique() == 2
+    board = pd.read_csv(out / "leaderboard.csv").set_index("method")  # the new file keeps the name; the old is tagged
+    assert sorted(board.index) == sorted(["tv_a", "tv_b", f"tv_b {{{old_and_new.pretrain_setting.iloc[0][:6]}}}"])
 
 
 def test_bad_checkpoints_fail_before_any_work_with_one_line(tmp_path: Path) -> None:
@@ -57,6 +60,20 @@ def test_bad_checkpoints_fail_before_any_work_with_one_line(tmp_path: Path) -> N
     r = run_cli(*GRID, "--methods", "random", "--checkpoint", f"random={a}", "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "also given in --methods" in r.stderr
     assert not (tmp_path / "out" / "records").exists()
+
+
+def test_a_checkpoint_of_inf_or_nan_weights_is_refused_not_scored(tmp_path: Path) -> None:
+    """Issue 18.3: +inf weights scored 10.00 / 50.00 'ok'; NaN weights failed as 'protocol knn changed the frozen
+    encoder'. Both are now one line at planning, exit 2, nothing written."""
+    for name, value in (("inf", float("inf")), ("nan", float("nan"))):
+        torch.manual_seed(0)
+        sd = torchvision.models.resnet18().state_dict()
+        sd = {k: v.fill_(value) if v.is_floating_point() else v for k, v in sd.items()}
+        torch.save(sd, tmp_path / f"{name}.pth")
+        r = run_cli(*GRID, "--checkpoint", f"{name}={tmp_path / f'{name}.pth'}", "--out", str(tmp_path / "out"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "tensor(s) hold inf or NaN (conv1.weight, bn1.weight, bn1.bias, ...)" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
 
 
 def test_export_to_torchvision_round_trips_bit_identically(tmp_path: Path) -> None:

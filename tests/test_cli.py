@@ -63,7 +63,9 @@ def test_changed_config_invalidates_its_cells(tmp_path: Path) -> None:
     r = run_cli(*SMALL, "--set", "knn.k=5", "--out", str(out))
     assert r.returncode == 0 and "1 cells done, 0 reused" in r.stdout
     df = pd.read_csv(out / "results.csv")
-    assert df[df.metric == "top1"].selection.tolist() == ["fixed k=5 T=0.07"]  # the latest config wins
+    top1 = df[df.metric == "top1"]  # each configuration keeps its own row (issue 18.1)
+    assert top1.selection.tolist() == ["fixed k=20 T=0.07", "fixed k=5 T=0.07"]
+    assert top1["protocol_variant"].fillna("").tolist() == ["", "knn.k=5"]
 
 
 @pytest.mark.parametrize(
@@ -81,6 +83,11 @@ def test_changed_config_invalidates_its_cells(tmp_path: Path) -> None:
         (["--set", "knnn.k=3"], "unknown config section 'knnn'; did you mean 'knn'?"),
         (["--seeds", "0,0"], "--seeds must be distinct"),
         (["--seeds", "a"], "--seeds must be comma-separated integers"),
+        # issue 18.7: each of these passed planning and failed later with a traceback and files written
+        (["--set", "pretrain.backbone=resnet9000"], "unknown backbone 'resnet9000'; did you mean 'resnet50'?"),
+        (["--seeds", str(2**63)], "--seeds must be distinct integers in [0, 2^63)"),
+        (["--set", "data.train_size=5"], "its 10 classes need one validation and one training image each; use data.train_size >= 20"),
+        (["--set", "data.image_size=100000"], "data.image_size=100000 would hold"),
         (["--data-root", "/nonexistent/fmnist", "--datasets", "fashion_mnist"],
          "dataset 'fashion_mnist' not found at /nonexistent/fmnist. Install it with `sudo apt-get install dataset-fashion-mnist`"),
     ],

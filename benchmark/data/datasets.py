@@ -17,7 +17,7 @@ import torch
 from benchmark.config import DataConfig
 from benchmark.data import readers, voc  # noqa: F401  (importing them registers the datasets they read)
 from benchmark.data.sets import DatasetSpec, RawDataset, Splits, balanced_subset, resize
-from benchmark.errors import DatasetError
+from benchmark.errors import ConfigError, DatasetError
 from benchmark.registry import DATASETS
 from benchmark.store.io import atomic_write_text
 
@@ -56,7 +56,40 @@ def load_splits(name: str, cfg: DataConfig) -> Splits:
         _CACHE[key] = make_splits(name, load_raw(name, cfg.root), cfg)
     return _CACHE[key]
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: no limit known
+        return 2**62
+
+
+def _check_raw(name: str, raw: RawDataset, cfg: DataConfig) -> None:
+    """What would fail later, inside a job, with a traceback: empty splits, labels outside the classes, a subset
+    too small to hold a validation and a training image of every class, images too large for this machine."""
+    for split, images in (("train", raw.train), ("test", raw.test)):
+        if len(images) == 0:
+            raise DatasetError(f"dataset {name!r} has 0 {split} images; check its folder (data.root or --data-root)")
+        y = images.y
+        if y.ndim == 1 and len(y) and (int(y.min()) < 0 or int(y.max()) >= raw.num_classes):
+            bad = int(y.max()) if int(y.max()) >= raw.num_classes else int(y.min())
+            raise DatasetError(f"dataset {name!r}: label {bad} in its {split} split is outside its {raw.num_classes} classes "
+                               f"(0..{raw.num_classes - 1}); the labels or the class list are wrong")
+        if y.ndim == 2 and y.shape[1] != raw.num_classes:
+            raise DatasetError(f"dataset {name!r}: {split} labels have {y.shape[1]} columns for {raw.num_classes} classes")
+    need = 2 * raw.num_classes  # one validation and one training image per class
+    if cfg.train_size is not None and cfg.train_size < need:
+        raise ConfigError(f"data.train_size={cfg.train_size} is too small for {name!r}: its {raw.num_classes} classes need "
+                          f"one validation and one training image each; use data.train_size >= {need}")
+    if cfg.image_size is not None:
+        n = min(len(raw.train), cfg.train_size or len(raw.train)) + min(len(raw.test), cfg.test_size or len(raw.test))
+        size = n * raw.train.x.shape[1] * cfg.image_size**2
+        if size > _physical_memory():
+            raise ConfigError(f"data.image_size={cfg.image_size} would hold {n} images in {size / 2**30:,.0f} GiB of memory; "
+                              f"this machine has {_physical_memory() / 2**30:,.0f} GiB: use a smaller data.image_size")
+
+
 def make_splits(name: str, raw: RawDataset, cfg: DataConfig) -> Splits:
+    _check_raw(name, raw, cfg)
     g = torch.Generator().manual_seed(cfg.split_seed)
     train, test = raw.train, raw.test
     ids = torch.arange(len(train))

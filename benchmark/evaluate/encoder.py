@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.data.sets import ImageSet, Splits
+from benchmark.errors import NonFiniteError
 from benchmark.store.io import atomic_save
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,15 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _finite(features: Tensor, name: str) -> Tensor:
+    """`features`, or NonFiniteError: a protocol scoring inf/NaN features reports chance accuracy as a result."""
+    bad = int((~torch.isfinite(features)).any(dim=1).sum()) if features.numel() else 0
+    if bad:
+        raise NonFiniteError(f"the encoder's features of {bad} of {len(features)} images{f' ({name})' if name else ''} are "
+                             "inf or NaN: its weights overflowed (pretraining diverged) or the checkpoint holds inf/NaN")
+    return features
+
+
 def split_features(encoder: Encoder, data: Splits) -> dict[str, tuple[Tensor, Tensor]]:
     """{"train" | "val" | "test": (features (N, dim), labels (N,))}, extracted once per encoder."""
     return {
@@ -117,7 +127,7 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
             try:
                 cached = torch.load(path, weights_only=True)
                 if isinstance(cached, Tensor) and cached.shape == (len(images), encoder.dim):
-                    return cached
+                    return _finite(cached, name)
             except Exception as e:  # a damaged cache is recomputed, never trusted
                 log.warning("ignoring unreadable feature cache %s: %s", path, e)
     bs = batch_size or int(getattr(encoder, "batch_size", 512))
@@ -135,6 +145,7 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    _finite(out, name)
     if hasattr(encoder, "effective_batch_size"):
         encoder.effective_batch_size = bs
     if path is not None:

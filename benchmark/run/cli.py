@@ -83,8 +83,8 @@ def _seeds(raw: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
         seeds = tuple(int(s) for s in raw.split(","))
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {raw!r}") from None
-    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise ConfigError(f"--seeds must be distinct integers >= 0, got {raw!r}")
+    if len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**63 for s in seeds):
+        raise ConfigError(f"--seeds must be distinct integers in [0, 2^63), got {raw[:100]!r}")
     return seeds
 
 

@@ -28,7 +28,7 @@ from benchmark.device import describe
 from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable
 from benchmark.evaluate.encoder import FrozenEncoder
 from benchmark.evaluate.protocol import EvalContext
-from benchmark.registry import DATASETS, METHODS, PROTOCOLS
+from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS
 from benchmark.run.executor import Executor, Job, current_job_id
 from benchmark.store.checkpoints import sha256_file, verify
 from benchmark.store.io import atomic_save, atomic_write_json, atomic_write_text
@@ -111,7 +111,7 @@ class EvalTask:
     config_hash: str
     record_path: str
     setting: str = ""  # hash of the cell without the seed: a leaderboard cell averages only seeds of one setting
-    variant: str = ""  # what the cell changes from the suite ("knn.k=5"): its leaderboard row is `method [variant]`
+    variant: str = ""  # what the protocol's config changes from the suite ("knn.k=5"): its own leaderboard column
 
     @property
     def label(self) -> str:
@@ -175,6 +175,7 @@ def _pretrain_cfgs(method: str, ov: dict[str, dict[str, Any]], splits: Any) -> t
     if allowed and pre_cfg.backbone not in allowed:
         log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
         pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
+    BACKBONES.entry(pre_cfg.backbone)  # unknown: one line now, not a traceback inside the job
     m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes,
                             len(splits.train))
     return pre_cfg, m_cfg
@@ -242,9 +243,8 @@ def _eval_tasks(req: Request, pt: PretrainTask, splits: Any, eval_cfg: C.EvalCon
         # a cell is (method or checkpoint, protocol@version, dataset, seed, resolved config, checkpoint sha256)
         ch = C.config_hash({"pretrain_hash": pt.pretrain_hash, "protocol": protocol, "version": version, "cfg": p_cfg})
         setting = C.config_hash({"pretrain_setting": pt.setting, "protocol": protocol, "version": version, "cfg": p_cfg})
-        variant = ", ".join(filter(None, [pt.variant, _variant({protocol: (p_cfg, base_cfg)})]))
         rec = Path(pt.out) / "records" / pt.dataset / pt.method / f"{protocol}@{version}" / f"seed{pt.seed}-{ch}.json"
-        tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec), setting, variant))
+        tasks.append(EvalTask(pt, protocol, version, p_cfg, eval_cfg, ch, str(rec), setting, _variant({protocol: (p_cfg, base_cfg)})))
     return tasks
 
 
@@ -305,7 +305,7 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
         return {"status": outcome.status, "rank": rank()}
     meta = {"status": outcome.status, "method": task.method, "dataset": task.dataset, "seed": task.seed,
             "pretrain_hash": task.pretrain_hash, "attempts": attempts, "steps": outcome.steps,
-            "diverged_at": outcome.diverged_at, "last_finite_loss": outcome.last_finite_loss,
+            "diverged_at": outcome.diverged_at, "diverged_because": outcome.reason, "last_finite_loss": outcome.last_finite_loss,
             "history": outcome.history, "wall_s": time.perf_counter() - t0, "finished_at": now(),
             "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0)), "processes": world_size(),
             "git_sha": sha, "git_dirty": dirty, "versions": versions()}
@@ -415,6 +415,13 @@ def _state_fingerprint(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN at the same places counting as equal (`torch.equal(nan, nan)` is False)."""
+    if a.is_floating_point() and b.is_floating_point():
+        return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
 def run_eval(task: EvalTask) -> dict[str, Any]:
     """Evaluate one cell and write its record atomically. Returns the record."""
     pt = task.pretrain
@@ -426,7 +433,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "run_id": uuid.uuid4().hex[:12], "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
         "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
-        "config_hash": task.config_hash, "setting": task.setting, "variant": task.variant, "pretrain_hash": pt.pretrain_hash,
+        "config_hash": task.config_hash, "setting": task.setting, "variant": pt.variant, "protocol_variant": task.variant,
+        "pretrain_hash": pt.pretrain_hash, "pretrain_setting": pt.setting,
         "git_sha": sha, "git_dirty": dirty,
         # the pretraining's code (absent for encoders trained before it was recorded, and for imported checkpoints)
         "pretrain_git_sha": meta.get("git_sha"), "pretrain_git_dirty": meta.get("git_dirty"),
@@ -437,7 +445,7 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     }
     rows: list[Row]
     if meta["status"] == "diverged":
-        rows = [Row("diverged", float("nan"), extra={"step": meta.get("diverged_at")})]
+        rows = [Row("diverged", float("nan"), extra={"step": meta.get("diverged_at"), "because": meta.get("diverged_because") or "loss not finite"})]
     else:
         splits = load_splits(pt.dataset, pt.data)
         prov["dataset_fingerprint"] = splits.fingerprint
@@ -449,7 +457,7 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         ctx = EvalContext(out=Path(pt.out), progress=pt.progress, device=device)
         rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed, ctx)
         after = encoder.module.state_dict()
-        changed = [k for k, t in before.items() if not torch.equal(t, after[k])]
+        changed = [k for k, t in before.items() if not _same(t, after[k])]
         if changed:
             raise RuntimeError(f"protocol {task.protocol} changed the frozen encoder ({', '.join(changed[:3])})")
         prov["effective_batch_size"] = encoder.effective_batch_size
@@ -469,7 +477,8 @@ def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = 
     msg = (str(error) if status == "skipped" else f"{name}: {error}").splitlines()[0][:300]
     prov = {"run_id": job_id, "method": pt.method, "protocol": task.protocol, "protocol_version": task.version,
             "dataset": pt.dataset, "seed": pt.seed, "suite": pt.suite, "backbone": pt.pretrain.backbone,
-            "config_hash": task.config_hash, "setting": task.setting, "variant": task.variant, "pretrain_hash": pt.pretrain_hash,
+            "config_hash": task.config_hash, "setting": task.setting, "variant": pt.variant, "protocol_variant": task.variant,
+            "pretrain_hash": pt.pretrain_hash, "pretrain_setting": pt.setting,
             "status": status, "flags": msg,
             "finished_at": now(), "job_id": job_id, "log": log}
     record = {"status": status, "error": (getattr(error, "text", "") or "".join(traceback.format_exception(error)))[-4000:],

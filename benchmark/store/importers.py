@@ -517,6 +517,10 @@ def import_encoder(path: str | Path, arch: str | None = None, layout: str | None
             raise CheckpointFormatError("no encoder weights found")
     except (KeyError, TypeError, AttributeError, CheckpointFormatError) as e:
         raise CheckpointFormatError(f"checkpoint {path} does not fit layout {name!r} ({spec.description}): {e}") from None
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointFormatError(f"checkpoint {path}: {len(bad)} tensor(s) hold inf or NaN ({', '.join(bad[:3])}"
+                                    f"{', ...' if len(bad) > 3 else ''}); it cannot be evaluated: export it again from a run that did not diverge")
     target = _geometry(arch if arch is not None else _infer(sd, path, name), sd)
     module = build(target)
     loaded, missing, ignored, notes = _load_checked(module, sd, target, path, name)

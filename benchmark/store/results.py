@@ -7,7 +7,8 @@ never edited by hand.
 A result's identity is its cell's `config_hash` (method or checkpoint, resolved configs, protocol@version, dataset
 and its fingerprint, seed): two configurations never overwrite each other, and the latest attempt of one cell wins.
 The leaderboard averages over seeds only within one `setting` (the cell's hash without the seed) and names a
-configuration by its `variant`, what it changes from the suite: `simclr [knn.k=5]` is a row beside `simclr`.
+configuration by what it changes from the suite: a pretraining change is a row (`simclr [pretrain.epochs=0]` beside
+`simclr`), a protocol change a column (`digits/knn@1 [k=5]/top1` beside `digits/knn@1/top1`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ class Row:
 COLUMNS = [
     "run_id", "method", "checkpoint", "protocol", "protocol_version", "dataset", "split", "metric", "value",
     "ci95", "std", "min", "max", "selection", "seed", "n_train", "status", "flags", "suite", "backbone", "config_hash",
-    "setting", "variant", "pretrain_hash", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
+    "setting", "variant", "protocol_variant", "pretrain_hash", "pretrain_setting", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
     "pretrain_git_dirty", "torch", "python",
     "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s", "job_id", "log",
 ]
@@ -85,8 +87,8 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     legacy = df[KEY].astype(str).agg("|".join, axis=1)
     df = df.assign(_cell=df["config_hash"].where(df["config_hash"].notna(), legacy))
     df = df.sort_values(["finished_at", "run_id"]).drop_duplicates(["_cell", "split", "metric"], keep="last")
-    order = df.assign(_v=df["variant"].fillna("").astype(str), _s=df["setting"].fillna("").astype(str))
-    order = order.sort_values(KEY + ["_v", "_s", "split", "metric"], kind="stable")
+    order = df.assign(_v=_text(df["variant"]), _p=_text(df["protocol_variant"]), _s=_text(df["setting"]))
+    order = order.sort_values(KEY + ["_v", "_p", "_s", "split", "metric"], kind="stable")
     return df.loc[order.index].drop(columns="_cell").reset_index(drop=True)
 
 
@@ -107,14 +109,13 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[(df["split"] == "test") & df["status"].isin(["ok", "collapsed"]) & df["value"].notna()].copy()
     if ok.empty:
         return pd.DataFrame(columns=["method"])
-    ok["column"] = ok["dataset"] + "/" + ok["protocol"] + "@" + ok["protocol_version"].astype(str) + "/" + ok["metric"]
-    ok["row"] = _row_labels(ok)
+    ok["row"], ok["column"] = _labels(ok)
     g = ok.groupby(["row", "column"])["value"]
     ci = ok.assign(ci95=pd.to_numeric(ok["ci95"], errors="coerce")).groupby(["row", "column"])["ci95"].mean()
     stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "n": g.count(), "ci95": ci}).reset_index()
     stats["cell"] = [fmt(m, s, n, c) for m, s, n, c in zip(stats["mean"], stats["std"], stats["n"], stats["ci95"])]
     table = stats.pivot(index="row", columns="column", values="cell").fillna("")
-    table = table[sorted(table.columns)]
+    table = table[sorted(table.columns, key=_column_order)]
     table["n_seeds"] = ok.groupby("row")["seed"].nunique()
     for col in ("suite", "backbone", "device"):
         table[col] = ok.groupby("row")[col].agg(lambda v: ",".join(sorted(set(map(str, v)))))
@@ -128,17 +129,41 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _row_labels(ok: pd.DataFrame) -> pd.Series:
-    """The leaderboard row of each result: `method [variant]`, one row per suite. Where one label would still average
-    two settings in a column (a default changed in the code between runs), each setting gets its own row, tagged with
-    its hash: a leaderboard never averages across configurations."""
-    variant = ok["variant"].fillna("").astype(str)
-    label = ok["method"].astype(str) + variant.map(lambda v: f" [{v}]" if v and v != "nan" else "")
-    suites = ok["suite"].fillna("").astype(str)
-    label = label.where(suites.groupby(label).transform("nunique") == 1, label + " (" + suites + ")")
-    setting = ok["setting"].fillna("").astype(str)
-    mixed = setting.groupby([label, ok["column"]]).transform("nunique") > 1
-    return label.where(~mixed, label + " {" + setting.str[:6] + "}")
+def _text(col: pd.Series) -> pd.Series:
+    return col.fillna("").astype(str).replace("nan", "")
+
+
+def _older_tagged(label: pd.Series, groups: list[pd.Series], setting: pd.Series, finished: pd.Series) -> pd.Series:
+    """`label`, except that where a group holds more than one setting, the older ones get `{hash}` appended."""
+    when = finished + "|" + setting  # ties broken by the hash: deterministic
+    newest = when.groupby(groups).transform("max").str.split("|").str[-1]
+    return label.where(setting == newest, label + " {" + setting.str[:6] + "}")
+
+
+def _column_order(column: str) -> tuple[str, bool, str]:
+    """Columns sorted by dataset/protocol@version/metric, each base column before its variants and tagged settings."""
+    base = re.sub(r" \[.*?\]| \{.*?\}", "", column)
+    return base, column != base, column
+
+
+def _labels(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The leaderboard row and column of each result. A row is one pretrained encoder: `method [variant]`, the
+    variant being what its data, pretraining or method config changes from the suite; one row per suite. A column is
+    `dataset/protocol@version [protocol variant]/metric`. Where a row or column would still mix two settings (a code
+    default changed between runs, a checkpoint file replaced), the newest keeps the name and the older get rows or
+    columns tagged with their hash: a leaderboard never averages across configurations."""
+    finished = _text(ok["finished_at"])
+    variant, pvariant = _text(ok["variant"]), _text(ok["protocol_variant"])
+    row = ok["method"].astype(str) + variant.map(lambda v: f" [{v}]" if v else "")
+    suites = _text(ok["suite"])
+    row = row.where(suites.groupby(row).transform("nunique") == 1, row + " (" + suites + ")")
+    row = _older_tagged(row, [row], _text(ok["pretrain_setting"]), finished)
+    # a protocol variant names its own fields: "knn.k=5" -> "k=5"
+    short = [", ".join(part.split(".", 1)[-1] for part in v.split(", ")) if v else "" for v in pvariant]
+    column = (ok["dataset"] + "/" + ok["protocol"] + "@" + ok["protocol_version"].astype(str)
+              + pd.Series(short, index=ok.index).map(lambda v: f" [{v}]" if v else "") + "/" + ok["metric"])
+    column = _older_tagged(column, [row, column], _text(ok["setting"]), finished)
+    return row, column
 
 
 def failures(df: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +173,7 @@ def failures(df: pd.DataFrame) -> pd.DataFrame:
     last_good = df[good].groupby(KEY)["finished_at"].max().rename("last_good")
     bad = df[~good].join(last_good, on=KEY)
     bad = bad[bad["last_good"].isna() | (bad["finished_at"].astype(str) > bad["last_good"].astype(str))]
-    return bad.drop_duplicates(KEY + ["config_hash"])[KEY + ["variant", "status", "flags", "job_id", "log"]].reset_index(drop=True)
+    return bad.drop_duplicates(KEY + ["config_hash"])[KEY + ["variant", "protocol_variant", "status", "flags", "job_id", "log"]].reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:

@@ -64,6 +64,10 @@ class Method(Protocol):
     """Default False. True: under multi-GPU DDP, BatchNorm layers become SyncBatchNorm (statistics over the global
     batch, as the method's official code)."""
 
+    loss_bound: float
+    """Default `LOSS_BOUND` (1e6). A loss whose magnitude exceeds it is not a sane loss for this method: the run ends
+    `diverged`, like a NaN. Declare a tighter bound where the loss has one (a negative cosine lies in [-2, 2])."""
+
     def before_epoch(self, epoch: int, splits: Splits, device: torch.device, seed: int) -> None:
         """Default: nothing. Called at the start of every epoch (0-based `epoch`) with the whole dataset and a seed
         derived from (run seed, epoch): clustering (DeepCluster, PCL), statistics of the data. The loop puts the model
@@ -83,6 +87,9 @@ class Method(Protocol):
 
 
 REQUIRED = ("views", "loss", "encoder")
+# no method's loss comes near it at sane settings (Barlow Twins' 8192-wide matrix starts at about 1e4); a learning rate
+# 1e6 too large drives supervised cross-entropy to 3e16 while staying finite
+LOSS_BOUND = 1e6
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class Hooks:
     uses_indices: bool = False
     trainable: bool = True
     sync_bn: bool = False
+    loss_bound: float = LOSS_BOUND
     before_epoch: Callable[[int, Splits, torch.device, int], None] | None = None
     param_groups: Callable[[float], list[dict[str, Any]]] | None = None
     weight_decay_at: Callable[[float, float], float] | None = None
@@ -106,6 +114,11 @@ class Hooks:
         for f in dataclasses.fields(cls):
             value = getattr(model, f.name, None)
             if value is None:
+                continue
+            if f.name == "loss_bound":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise TypeError(f"method {name}: loss_bound must be a positive number, got {value!r}")
+                found[f.name] = float(value)
                 continue
             is_flag = f.default is not None
             if is_flag and not isinstance(value, bool):

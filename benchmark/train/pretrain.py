@@ -49,6 +49,7 @@ class PretrainOutcome:
     diverged_at: int | None = None
     last_finite_loss: float | None = None
     steps: int = 0
+    reason: str = ""  # diverged: what was not finite or not sane
 
 
 def build_method(method_cls: Callable[..., Any], method_cfg: Any, cfg: PretrainConfig, splits: Splits, seed: int) -> nn.Module:
@@ -153,10 +154,32 @@ class _Run:
     last_finite: float | None = None
     desc: str = "pretrain"
 
-    def diverged(self, at: int) -> PretrainOutcome:
+    def diverged(self, at: int, why: float | str) -> PretrainOutcome:
+        """The run's end at step `at`: the loss `why` was inf, NaN or beyond the method's bound, or `why` says what
+        else stopped being finite."""
         self.bar.close()
-        log.error("diverged at step %d (last finite loss %s)", at, self.last_finite)
-        return PretrainOutcome("diverged", self.method.encoder(), self.history, at, self.last_finite, at)
+        reason = why if isinstance(why, str) else f"loss {why:.4g}" + ("" if not math.isfinite(why) else
+                                                                         f" beyond the method's bound {self.hooks.loss_bound:g}")
+        log.error("diverged at step %d: %s (last sane loss %s)", at, reason, self.last_finite)
+        return PretrainOutcome("diverged", self.method.encoder(), self.history, at, self.last_finite, at, reason)
+
+
+def _sane(loss: float, run: _Run) -> bool:
+    """The divergence rule: a loss counts only when it is finite and within the method's declared bound."""
+    return math.isfinite(loss) and abs(loss) <= run.hooks.loss_bound
+
+
+WEIGHT_BOUND = 1e10  # no trained network has a weight this large; a run's weights that reach it have blown up
+
+
+def _insane_weights(module: nn.Module) -> str:
+    """Why the weights of `module` are no longer those of a network ("" when they are): a parameter or buffer holds
+    inf or NaN, or a parameter's magnitude passed `WEIGHT_BOUND` (scale-invariant losses keep such runs finite)."""
+    bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        return f"{len(bad)} weight tensor(s) hold inf or NaN ({', '.join(bad[:3])})"
+    big = max((float(p.detach().abs().max()) for p in module.parameters() if p.numel()), default=0.0)
+    return f"a weight reached {big:.3g} (bound {WEIGHT_BOUND:g})" if big > WEIGHT_BOUND else ""
 
 
 def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, ckpt_dir: Path, device: torch.device,
@@ -170,6 +193,9 @@ def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, 
         running = _train_epoch(run, epoch)
         if isinstance(running, PretrainOutcome):
             return running
+        why = _insane_weights(run.model)  # a finite loss over blown-up weights (a bounded loss of saturated features)
+        if why:
+            return run.diverged(run.step, why)
         stats = collapse_stats(run.method.encoder(), splits, device)
         run.history.append({"epoch": epoch + 1, "loss": running / run.steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
         log.info("%s epoch %d: %s", desc, epoch + 1, run.history[-1])
@@ -256,8 +282,8 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
             loss = run.hooks.loss(run.method, views, progress, labels, idx.to(run.device))
         pending.append(all_reduce_mean(loss.detach().float().clone()))  # the same on every process; stays on the device
-        if run.sync_every == 1 and not math.isfinite(float(pending[-1])):  # CPU: stop before the step applies NaNs
-            return run.diverged(run.step)
+        if run.sync_every == 1 and not _sane(float(pending[-1]), run):  # CPU: stop before the step applies NaNs
+            return run.diverged(run.step, float(pending[-1]))
         run.opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         average_gradients(run.params)
@@ -272,8 +298,8 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
             first = run.step - len(values)
             pending.clear()
             for k, value in enumerate(values):
-                if not math.isfinite(value):
-                    return run.diverged(first + k)
+                if not _sane(value, run):
+                    return run.diverged(first + k, value)
                 run.last_finite = value
                 running += value
             run.bar.set_postfix(epoch=epoch + 1, loss=f"{values[-1]:.3f}", refresh=False)

@@ -11,7 +11,7 @@ import torch
 from benchmark.config import DataConfig
 from benchmark.data.datasets import load_raw, make_splits
 from benchmark.data.readers import read_idx
-from benchmark.data.sets import balanced_subset
+from benchmark.data.sets import ImageSet, RawDataset, balanced_subset
 from benchmark.errors import DatasetError
 from tests.conftest import FMNIST
 
@@ -100,3 +100,23 @@ def test_convert_channels_single_and_batched() -> None:
     assert torch.equal(convert_channels(grey, 3), grey.repeat(1, 3, 1, 1)) and convert_channels(rgb, 3) is rgb
     with pytest.raises(ValueError, match="cannot convert 2-channel images to 3 channels"):
         convert_channels(torch.zeros(2, 4, 4, dtype=torch.uint8), 3)
+
+
+def _raw(train_y: list[int], test_y: list[int], classes: int = 3) -> RawDataset:
+    def images(y: list[int]) -> ImageSet:
+        return ImageSet(torch.zeros(len(y), 1, 8, 8, dtype=torch.uint8), torch.tensor(y, dtype=torch.long))
+
+    return RawDataset(images(train_y), images(test_y), classes, "h")
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_raw([], [0, 1, 2]), "dataset 'x' has 0 train images"),
+    (_raw([0, 1, 2] * 4, []), "dataset 'x' has 0 test images"),
+    (_raw([0, 1, 200] * 4, [0, 1, 2]), r"label 200 in its train split is outside its 3 classes \(0\.\.2\)"),
+    (_raw([0, 1, 2] * 4, [0, -1]), "label -1 in its test split is outside its 3 classes"),
+])
+def test_empty_splits_and_labels_outside_the_classes_fail_at_planning(raw: RawDataset, message: str) -> None:
+    """Issue 18.7: these passed planning and failed inside the job (an IndexError, a division by zero)."""
+    with pytest.raises(DatasetError, match=message):
+        make_splits("x", raw, DataConfig())
+

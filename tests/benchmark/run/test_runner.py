@@ -169,27 +169,28 @@ def test_a_rerun_never_shows_another_configurations_numbers(tmp_path: Path) -> N
     args = ("--suite", "smoke", "--datasets", "digits", "--no-progress", "--out", str(tmp_path))
 
     def board() -> dict[str, str]:
-        return pd.read_csv(tmp_path / "leaderboard.csv", dtype=str).set_index("method")["digits/knn@1/top1"].to_dict()
+        table = pd.read_csv(tmp_path / "leaderboard.csv", dtype=str).set_index("method")
+        return table[[c for c in table.columns if c.endswith("/top1")]].loc["simclr"].to_dict()
 
     assert run_cli(*args).returncode == 0
     (first,) = board().values()
     r = run_cli(*args, "--set", "knn.k=5")
     assert r.returncode == 0, r.stderr
     second = board()
-    assert second["simclr"] == first and set(second) == {"simclr", "simclr [knn.k=5]"}
+    assert second == {"digits/knn@1/top1": first, "digits/knn@1 [k=5]/top1": second["digits/knn@1 [k=5]/top1"]}
     r = run_cli(*args)
     assert r.returncode == 0 and "0 cells done, 1 reused" in r.stdout, r.stdout
     assert board() == second
     df = pd.read_csv(tmp_path / "results.csv").query("metric == 'top1'")
-    assert df["config_hash"].nunique() == 2 and df["setting"].nunique() == 2
-    assert sorted(df["variant"].fillna("")) == ["", "knn.k=5"]
+    assert df["config_hash"].nunique() == 2 and df["setting"].nunique() == 2 and df["pretrain_setting"].nunique() == 1
+    assert sorted(df["protocol_variant"].fillna("")) == ["", "knn.k=5"] and df["variant"].isna().all()
 
 
 @pytest.mark.parametrize("overrides, variant", [
     ({"pretrain": {"epochs": 0}}, "pretrain.epochs=0"),
     ({"pretrain": {"backbone": "pixels"}}, "pretrain.backbone=pixels"),
-    ({"knn": {"k": 5}, "simclr": {"temperature": 0.3}}, "simclr.temperature=0.3, knn.k=5"),
-    ({"knn": {"k": 20}}, ""),  # the suite's own value: not a variant
+    ({"knn": {"k": 5}, "simclr": {"temperature": 0.3}}, "simclr.temperature=0.3 | knn.k=5"),
+    ({"knn": {"k": 20}}, " | "),  # the suite's own value: not a variant
 ])
 def test_a_cell_is_labelled_by_what_it_changes_from_the_suite(tmp_path: Path, overrides: dict[str, Any], variant: str) -> None:
     """Issue 18.5: an untrained encoder or the pixels baseline never reads as the method's result."""
@@ -198,6 +199,35 @@ def test_a_cell_is_labelled_by_what_it_changes_from_the_suite(tmp_path: Path, ov
     base = {**TINY, "knn": {"k": 20}}
     req = _request(tmp_path, methods=("simclr",), protocols=("knn",), overrides=C.merge(base, overrides), base_overrides=base)
     (task,) = plan(req).evals
-    assert task.variant == variant
+    assert f"{task.pretrain.variant} | {task.variant}".strip(" |") == variant.strip(" |")
     seeds = plan(dataclasses.replace(req, seeds=(0, 1))).evals
     assert len({t.setting for t in seeds}) == 1 and len({t.config_hash for t in seeds}) == 2
+    assert len({t.pretrain.setting for t in seeds}) == 1
+
+
+def test_nan_weights_are_not_a_changed_encoder_and_inf_features_are_no_result() -> None:
+    """Issue 18.3: `torch.equal(nan, nan)` is False, which blamed the protocol; features of inf weights scored chance."""
+    from benchmark.errors import NonFiniteError
+    from benchmark.run.runner import _same
+
+    nan = torch.tensor([1.0, float("nan")])
+    assert _same(nan, nan.clone()) and not _same(nan, torch.tensor([2.0, float("nan")]))
+    assert not _same(nan, torch.tensor([1.0, 0.0])) and _same(torch.arange(3), torch.arange(3))
+    inf = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    nn.init.constant_(inf[1].weight, float("inf"))
+    enc = FrozenEncoder(inf, 4, (0.0,), (1.0,), key="inf")
+    images = ImageSet(torch.full((6, 1, 4, 4), 7, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(NonFiniteError, match=r"features of 6 of 6 images \(x\) are inf or NaN"):
+        extract_features(enc, images, name="x")
+
+
+def test_absurd_learning_rates_end_diverged_not_on_the_leaderboard(tmp_path: Path) -> None:
+    """Issue 18.2: at lr 1e6 only byol was `diverged`; simclr, simsiam and supervised kept finite losses (supervised
+    3e16, or weights at inf) and reached the leaderboard at chance, flagged collapsed."""
+    r = run_cli("--suite", "smoke", "--datasets", "digits", "--methods", "simclr,simsiam,supervised", "--no-progress",
+                "--set", "pretrain.lr=1e6", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    fails = pd.read_csv(tmp_path / "failures.csv").set_index("method")
+    assert sorted(fails.index) == ["simclr", "simsiam", "supervised"] and set(fails.status) == {"diverged"}
+    assert "beyond the method's bound" in fails.loc["supervised", "flags"]
+    assert not (tmp_path / "leaderboard.csv").read_text().strip("method\n")

@@ -44,23 +44,30 @@ def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path)
 
 def test_configurations_keep_their_own_rows_and_are_never_averaged(tmp_path: Path) -> None:
     """Issue 18.1: results are keyed by the cell's config hash; the leaderboard averages seeds of one setting only."""
+    common = dict(variant="", pretrain_setting="P")
     for seed, v in enumerate([0.50, 0.60]):  # the suite's configuration, two seeds
-        _rec(tmp_path, f"d{seed}", "simclr", seed, v, config_hash=f"d{seed}", setting="S", variant="")
+        _rec(tmp_path, f"d{seed}", "simclr", seed, v, config_hash=f"d{seed}", setting="S", **common)
     # a later run of the same method/protocol/dataset/seed under --set knn.k=5: a new cell, not a newer attempt
-    _rec(tmp_path, "k0", "simclr", 0, 0.90, finished="2026-01-02T00:00:00", config_hash="k0", setting="K", variant="knn.k=5")
-    # a code default changed between runs: same (empty) variant, another setting -> two rows, tagged by setting
-    _rec(tmp_path, "b0", "byol", 0, 0.10, config_hash="b0", setting="aaaaaa1", variant="")
-    _rec(tmp_path, "b1", "byol", 1, 0.30, config_hash="b1", setting="bbbbbb1", variant="")
+    _rec(tmp_path, "k0", "simclr", 0, 0.90, finished="2026-01-02T00:00:00", config_hash="k0", setting="K",
+         protocol_variant="knn.k=5", **common)
+    # the same encoder with an untrained pretraining: another row
+    _rec(tmp_path, "e0", "simclr", 0, 0.20, config_hash="e0", setting="E", variant="pretrain.epochs=0", pretrain_setting="P0")
+    # a code default changed between runs: same (empty) variant, another setting -> two rows, the older tagged
+    _rec(tmp_path, "b0", "byol", 0, 0.10, config_hash="b0", setting="B0", variant="", pretrain_setting="aaaaaa1")
+    _rec(tmp_path, "b1", "byol", 1, 0.30, config_hash="b1", setting="B1", variant="", pretrain_setting="bbbbbb1")
     # the same method from another suite is another row
-    _rec(tmp_path, "o0", "mocov2", 0, 0.40, config_hash="o0", setting="M1", variant="", suite="smoke")
-    _rec(tmp_path, "o1", "mocov2", 0, 0.20, config_hash="o1", setting="M2", variant="", suite="default")
+    _rec(tmp_path, "o0", "mocov2", 0, 0.40, config_hash="o0", setting="M1", suite="smoke", **common)
+    _rec(tmp_path, "o1", "mocov2", 0, 0.20, config_hash="o1", setting="M2", suite="default", **common)
     df, table = rebuild(tmp_path)
-    assert len(df) == 7 and set(df["variant"].fillna("")) == {"", "knn.k=5"}
-    board = table.set_index("method")["digits/knn@1/top1"].to_dict()
-    assert board == {"simclr": "55.00 ± 7.07", "simclr [knn.k=5]": "90.00", "byol {aaaaaa}": "10.00", "byol {bbbbbb}": "30.00",
-                     "mocov2 (smoke)": "40.00", "mocov2 (default)": "20.00"}
+    assert len(df) == 8 and set(df["protocol_variant"].fillna("")) == {"", "knn.k=5"}
+    board = table.set_index("method")
+    assert list(board.columns[:2]) == ["digits/knn@1/top1", "digits/knn@1 [k=5]/top1"]
+    assert board["digits/knn@1/top1"].to_dict() == {
+        "simclr": "55.00 ± 7.07", "simclr [pretrain.epochs=0]": "20.00", "byol {aaaaaa}": "10.00", "byol": "30.00",
+        "mocov2 (smoke)": "40.00", "mocov2 (default)": "20.00"}
+    assert board.loc["simclr", "digits/knn@1 [k=5]/top1"] == "90.00"
     again = pd.read_csv(tmp_path / "results.csv")
-    assert sorted(again.query("method == 'simclr' and seed == 0").value) == [0.5, 0.9]
+    assert sorted(again.query("method == 'simclr' and seed == 0").value) == [0.2, 0.5, 0.9]
 
 
 def test_empty_results_give_an_empty_leaderboard(tmp_path: Path) -> None:

@@ -111,3 +111,16 @@ def test_every_registered_method_fulfils_the_contract(name: str) -> None:
     hooks = check_method(cls)  # on the class: flags and hooks as the instances will have them
     for flag in ("uses_labels", "uses_indices", "trainable", "sync_bn"):
         assert getattr(hooks, flag) is bool(getattr(cls, flag, flag == "trainable")), (name, flag)
+
+
+def test_a_declared_loss_bound_is_read_and_checked() -> None:
+    from benchmark.train.method import LOSS_BOUND
+
+    assert check_method(Bare()).loss_bound == LOSS_BOUND
+    assert Hooks.of(METHODS.get("simsiam")).loss_bound == pytest.approx(1.001)
+    for bad in (True, "1e3", 0, -1.0):
+        class Wrong(Bare):
+            loss_bound = bad
+
+        with pytest.raises(TypeError, match="loss_bound must be a positive number"):
+            check_method(Wrong())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,52 @@ def test_nan_loss_stops_the_run_as_diverged(digits: Splits, tmp_path: Path) -> N
     assert out.status == "diverged"
     assert out.diverged_at == 5 and model.calls == 6  # stopped at the first non-finite loss
     assert out.last_finite_loss is not None and out.last_finite_loss == out.last_finite_loss
+
+
+class HugeAt(NaNAt):
+    """A finite loss that passes the method's declared bound at a given step (issue 18.2: supervised at lr 1e6)."""
+
+    loss_bound = 100.0
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        out = super().loss(views, progress, labels)
+        return out * 0 + 1e3 if self.calls > 4 else out * 0 + 99.0
+
+
+class BlowsUp(NaNAt):
+    """A bounded, finite loss while the weights go to inf (issue 18.2: simclr's cosine loss at lr 1e6)."""
+
+    fill = float("inf")
+
+    def __init__(self) -> None:
+        super().__init__(at=10**9)
+        self.p = nn.Parameter(torch.ones(()))
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        if self.calls < 2:
+            return super().loss(views, progress, labels) + (self.p - 0.5) ** 2
+        self.calls += 1
+        with torch.no_grad():
+            self.backbone.body[0].weight.fill_(self.fill)
+        return (self.p - 0.5) ** 2  # finite whatever the backbone holds
+
+
+@pytest.mark.parametrize("fill, because", [(float("inf"), r"^1 weight tensor\(s\) hold inf or NaN \(backbone\.body\.0\.weight\)$"),
+                                           (3e12, r"a weight reached 3e\+12 \(bound 1e\+10\)")])
+def test_finite_loss_over_blown_up_weights_is_divergence(digits: Splits, tmp_path: Path, fill: float, because: str) -> None:
+    model = BlowsUp()
+    model.fill = fill
+    out = pretrain(model, digits, PretrainConfig(epochs=2, batch_size=64, lr=0.01), 0, tmp_path, torch.device("cpu"), progress=False)
+    assert out.status == "diverged" and re.search(because, out.reason), out.reason
+    assert out.diverged_at == len(digits.train) // 64  # found at the end of the first epoch
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_a_loss_beyond_the_methods_bound_is_divergence(digits: Splits, tmp_path: Path, sync_every: int) -> None:
+    cfg = PretrainConfig(epochs=3, batch_size=64, lr=0.01, sync_every=sync_every)
+    out = pretrain(HugeAt(at=10**9), digits, cfg, 0, tmp_path, torch.device("cpu"), progress=False)
+    assert out.status == "diverged" and out.diverged_at == 4 and out.last_finite_loss == 99.0
+    assert out.reason == "loss 1000 beyond the method's bound 100"
 
 
 def test_deferred_loss_reads_find_the_same_divergence_and_train_the_same(digits: Splits, tmp_path: Path) -> None:

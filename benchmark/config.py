@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -122,6 +123,29 @@ CORE_SECTIONS: dict[str, type] = {"data": DataConfig, "pretrain": PretrainConfig
 
 # --------------------------------------------------------------------------- overrides
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
+MAX_VALUES = 100_000  # scalars a whole override set may expand to (YAML aliases can make 433 bytes into billions)
+
+
+def short(value: Any) -> str:
+    """A repr of bounded length and cost, whatever `value` is (a message never expands a YAML alias bomb)."""
+    return _REPR.repr(value)
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Refuse a parsed YAML value that expands to more than `MAX_VALUES` values (walked with early exit)."""
+    count, stack = 0, [data]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_VALUES:,} values (YAML aliases?); write the values out")
+        if isinstance(v, Mapping):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
 
 def _coerce(path: str, tp: Any, value: Any) -> Any:
     """Return `value` checked against the annotation `tp` (numeric strings become numbers)."""
@@ -138,39 +162,39 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
                 return _coerce(path, a, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {args}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {short(value)} matches none of {args}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {short(value)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            raise ConfigError(f"{path} must be a list, got {short(value)}")
         item = args[0] if args else Any
         out = [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
+            raise ConfigError(f"{path} must be true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
+            raise ConfigError(f"{path} must be an integer, got {short(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{path} must be a number, got {value!r}") from None
+                raise ConfigError(f"{path} must be a number, got {short(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
+            raise ConfigError(f"{path} must be a number, got {short(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{path} must be finite, got {value!r}")
+            raise ConfigError(f"{path} must be finite, got {short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path} must be a string, got {value!r}")
+            raise ConfigError(f"{path} must be a string, got {short(value)}")
         return value
     raise ConfigError(f"{path}: unsupported field type {tp!r}")  # pragma: no cover
 
@@ -184,7 +208,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], path: str) -> Any:
         path: the section name, used in error messages (`knn`, `pretrain`).
     """
     if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{path} must be a mapping of field: value, got {overrides!r}")
+        raise ConfigError(f"{path} must be a mapping of field: value, got {short(overrides)}")
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
     changes = {}
@@ -214,6 +238,7 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        _check_size(value, f"--set {key.strip()}")
         out.setdefault(section, {})[name] = value
     return out
 
@@ -224,13 +249,16 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; --config takes a YAML file of {{section: {{key: value}}}}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"malformed YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
         return {}
+    _check_size(data, f"config file {p}")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{p} must map section names to mappings, e.g. 'knn: {{k: 20}}'")
     return data
@@ -242,7 +270,7 @@ def merge(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     for layer in layers:
         for section, values in layer.items():
             if not isinstance(values, Mapping):
-                raise ConfigError(f"section {section!r} must be a mapping of key: value, got {values!r}")
+                raise ConfigError(f"section {short(section)} must be a mapping of key: value, got {short(values)}")
             out.setdefault(section, {}).update(values)
     return out
 

@@ -107,3 +107,30 @@ def test_malformed_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
     r = run_cli(*SMALL, "--config", str(cfg), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "malformed YAML in" in r.stderr and "line" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _bomb(levels: int = 9) -> str:
+    """Billion laughs: each level 10 aliases of the one before (10^9 values from about 400 bytes)."""
+    lines = ["  l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "knn:\n" + "\n".join(lines) + f"\n  k: *l{levels - 1}\n"
+
+
+def test_yaml_bombs_and_binary_configs_are_one_line(tmp_path: Path) -> None:
+    """Issue 18.8: a 433-byte YAML bomb grew to 3.7 GB and died with MemoryError (the error message built the repr of
+    the whole value); binary garbage as --config was a UnicodeDecodeError traceback."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb())
+    flow = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + [f"&{c} [{', '.join([f'*{p}'] * 10)}]"
+                                                                    for p, c in zip("abcdefgh", "bcdefghi")]) + "]"
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(bytes(range(128, 256)) * 8)
+    cases = [(["--config", str(bomb)], "expands to more than 100,000 values"),
+             (["--set", f"knn.k={flow}"], "--set knn.k expands to more than 100,000 values"),
+             (["--config", str(garbage)], "is not UTF-8 text"),
+             (["--set", f"knn.k=[{', '.join(['1'] * 30_000)}]"], "knn.k must be an integer, got [1, 1, 1, 1, 1, 1, ...]")]
+    for args, message in cases:
+        r = run_cli(*SMALL, *args, "--out", str(tmp_path / "out"), timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and len(lines[0]) < 400, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torchvision
 
 from benchmark.registry import METHODS, PROTOCOLS
 from benchmark.store.results import COLUMNS
@@ -134,3 +135,28 @@ def test_yaml_bombs_and_binary_configs_are_one_line(tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and len(lines[0]) < 400, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_paths_are_one_line_before_any_work(tmp_path: Path) -> None:
+    """Issue 18.9: each was a traceback after planning (--out), after the import (export --to), after the whole run
+    or at once with UnboundLocalError (throughput --json, --steps 0)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    cases = [
+        ([*SMALL, "--out", str(a_file)], "--out " + str(a_file) + " is a file, not a folder"),
+        ([*SMALL, "--out", str(a_file / "sub")], "cannot be written (Not a directory)"),
+        ([*SMALL, "--out", "/proc/sslbench-out"], "--out /proc/sslbench-out cannot be written"),
+        (["export", str(tmp_path / "r18.pth"), "--format", "torchvision", "--to", str(folder)], f"--to {folder} is a folder"),
+        (["export", str(tmp_path / "r18.pth"), "--format", "torchvision", "--to", str(a_file / "x.pth")], "cannot be written"),
+        (["throughput", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["throughput", "--json", "/proc/sslbench.json"], "--json /proc/sslbench.json cannot be written"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+    assert a_file.read_text() == "x" and not any(folder.iterdir())

@@ -19,6 +19,7 @@ from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES, 
 from benchmark.run.executor import EXECUTORS, SlurmConfig, make_executor
 from benchmark.run.runner import CheckpointSpec, Request, plan, run
 from benchmark.run.suites import Suite
+from benchmark.store.io import check_writable_dir, check_writable_file
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -207,6 +208,7 @@ def export(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     try:
         ck = parse_checkpoint(f"export={args.checkpoint}", args)
+        check_writable_file(args.to, "--to")  # before the import, not after it
         from benchmark.store.importers import import_encoder
 
         module, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         for report in p.imports:
             print(report)
         out = Path(req.out)
+        check_writable_dir(out, "--out")  # after planning (a bad request leaves nothing), before any work
         print(f"sslbench: suite {req.suite}, {len(req.methods)} methods x {len(req.protocols)} protocols x "
               f"{len(req.datasets)} datasets x {len(req.seeds)} seeds on {describe(torch.device(req.device))} -> {out}/")
         t0 = time.perf_counter()

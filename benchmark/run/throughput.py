@@ -18,6 +18,7 @@ sizes (CI runs it); its figures then say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -33,6 +34,7 @@ from benchmark.device import describe
 from benchmark.errors import SSLBenchError
 from benchmark.evaluate.encoder import FrozenEncoder, extract_features, split_features
 from benchmark.registry import METHODS, PROTOCOLS
+from benchmark.store.io import atomic_write_json, check_writable_file
 from benchmark.train.optim import build_optimizer
 from benchmark.train.pretrain import build_method, compile_parts
 
@@ -242,19 +244,21 @@ def main(argv: list[str]) -> int:
             raise SSLBenchError(f"unknown method {args.method!r}; known: {', '.join(METHODS.names())}")
         if args.probe != "none" and args.probe not in PROTOCOLS:
             raise SSLBenchError(f"unknown protocol {args.probe!r} for --probe; known: none, {', '.join(PROTOCOLS.names())}")
+        for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
+                                 ("--workers", args.workers, 0), ("--feature-batch", args.feature_batch, 1)):
+            if value < low:
+                raise SSLBenchError(f"{flag} must be >= {low}, got {value}")
+        if args.json:
+            check_writable_file(args.json, "--json")  # before the run, not after it
         report = run(args)
     except SSLBenchError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
     if args.json:
-        from benchmark.store.io import atomic_write_json
-
         atomic_write_json(args.json, report)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     raise SystemExit(main(sys.argv[1:]))

@@ -51,3 +51,38 @@ def atomic_save(path: str | Path, save: Callable[[Path], None]) -> None:
 def is_temp(path: Path) -> bool:
     """True for the leftovers of an interrupted atomic write; readers skip them."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a file in `folder` (raises OSError where nothing can be written there)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".sslbench-probe-")
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """Make `path` a folder files can be written to, or raise ConfigError in one line naming `flag` (--out)."""
+    from benchmark.errors import ConfigError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        _probe(p)
+    except OSError as e:
+        raise ConfigError(f"{flag} {p} cannot be written ({e.strerror or e}); pass a folder you can write to") from None
+
+
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Check that a file can be written at `path` (its folder created if missing), or raise ConfigError in one line."""
+    from benchmark.errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a folder; pass a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _probe(p.parent)
+    except OSError as e:
+        raise ConfigError(f"{flag} {p} cannot be written ({e.strerror or e}); pass a path you can write to") from None

@@ -24,6 +24,17 @@ def _sha(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _content(*sets: ImageSet, extra: str = "") -> str:
+    """sha256 prefix of every pixel and label of `sets` (and `extra`, e.g. class names): the whole decoded dataset,
+    so that any changed, added or removed image changes it (a second or so per 200 MB)."""
+    h = hashlib.sha256(extra.encode())
+    for s in sets:
+        h.update(repr((tuple(s.x.shape), tuple(s.y.shape))).encode())
+        h.update(s.x.contiguous().numpy().tobytes())
+        h.update(s.y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) as uint8, checking its header against its size."""
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -104,8 +115,7 @@ def _load_torchvision(cls_name: str, num_classes: int, splits: tuple[dict[str, A
         except RuntimeError as e:
             raise DatasetError(f"{cls_name} not found or corrupt under {root}: {e}") from None
         train, test = _torchvision_set(tr), _torchvision_set(te)
-        src = hashlib.sha256(train.x[:256].numpy().tobytes() + test.x[:256].numpy().tobytes()).hexdigest()[:16]
-        return RawDataset(train, test, num_classes, f"{src}-{len(train)}-{len(test)}")
+        return RawDataset(train, test, num_classes, _content(train, test))
 
     return load
 
@@ -145,8 +155,7 @@ def _load_imagefolder(root: Path) -> RawDataset:
             raise DatasetError(f"no images found under {d}/<class>/")
         imgs = [tf(tvd.folder.default_loader(path).convert("RGB")) for path, _ in samples]
         sets.append(ImageSet(torch.stack(imgs), torch.tensor([t for _, t in samples], dtype=torch.int64)))
-    src = hashlib.sha256(sets[0].x[:64].numpy().tobytes()).hexdigest()[:16] + f"-{len(sets[0])}-{len(sets[1])}"
-    return RawDataset(sets[0], sets[1], len(classes), src)
+    return RawDataset(sets[0], sets[1], len(classes), _content(*sets, extra="\n".join(classes)))
 
 
 register_dataset("imagefolder")(

@@ -38,7 +38,9 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...]  # per channel, of train, in [0, 1] units
     std: tuple[float, ...]
-    fingerprint: str  # sha256 prefix of the source files plus the split settings
+    # sha256 prefix of the whole source (the files read, or every decoded pixel and label and the class names)
+    # plus the split settings
+    fingerprint: str
     val_ids: Tensor  # indices into the source train set that form `val` (saved with the results)
 
     @property
@@ -62,7 +64,7 @@ class RawDataset:
     train: ImageSet
     test: ImageSet
     num_classes: int
-    source_hash: str
+    source_hash: str  # of the whole source: every file read, or every decoded pixel, label and class name
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,30 @@ def test_empty_splits_and_labels_outside_the_classes_fail_at_planning(raw: RawDa
     with pytest.raises(DatasetError, match=message):
         make_splits("x", raw, DataConfig())
 
+
+
+def test_an_image_folder_fingerprint_covers_every_image_and_class_name(tmp_path: Path) -> None:
+    """Issue 18.6: it hashed the first 64 training images only; a changed 70th or test image kept the fingerprint."""
+    from PIL import Image
+
+    def write(path: Path, value: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value, value, value)).save(path)
+
+    for c in ("a", "b"):
+        for i in range(40):
+            write(tmp_path / "train" / c / f"{i:03d}.png", 3 * i)
+        write(tmp_path / "val" / c / "000.png", 7)
+
+    def fingerprint() -> str:
+        return load_raw("imagefolder", str(tmp_path)).source_hash
+
+    seen = {fingerprint()}
+    write(tmp_path / "train" / "b" / "030.png", 250)  # the 71st training image
+    seen.add(fingerprint())
+    write(tmp_path / "val" / "a" / "000.png", 250)  # a test image
+    seen.add(fingerprint())
+    for d in ("train", "val"):
+        (tmp_path / d / "b").rename(tmp_path / d / "c")  # the same images under another class name
+    seen.add(fingerprint())
+    assert len(seen) == 4

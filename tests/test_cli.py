@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -160,3 +164,24 @@ def test_unwritable_output_paths_are_one_line_before_any_work(tmp_path: Path) ->
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
     assert a_file.read_text() == "x" and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_end_with_one_line_and_the_rerun_resumes(tmp_path: Path, sig: int, code: int, word: str) -> None:
+    """Issue 18.11: Ctrl-C printed a KeyboardInterrupt traceback; SIGTERM ended the process without a word."""
+    from tests.conftest import REPO
+
+    args = [*SMALL, "--set", "pretrain.epochs=30", "--set", "pretrain.batch_size=64", "--no-progress", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_benchmark.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("epoch*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and err.strip().splitlines() == [
+        f"{word}; finished cells and epoch checkpoints are kept: rerun the same command to resume"], err
+    assert not list((tmp_path / "records").rglob("*.json")) if (tmp_path / "records").exists() else True
+    r = run_cli(*args, "-v")
+    assert r.returncode == 0 and "resumed from epoch" in r.stderr, r.stderr[-2000:]

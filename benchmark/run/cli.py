@@ -6,7 +6,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,8 +226,30 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or `kill`'s), raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line. Ctrl-C and SIGTERM end it with one line and exit 130 / 143: records, checkpoints and tables
+    are written atomically, so what finished is kept and the same command resumes."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}; finished cells and epoch checkpoints are kept: rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     rest = [a for a in argv if a not in ("--no-progress", "-v", "--verbose")]  # global flags allowed before it
     if rest[:1] == ["export"]:
         return export(rest[1:])

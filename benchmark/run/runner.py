@@ -31,7 +31,7 @@ from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS
 from benchmark.run.executor import Executor, Job, current_job_id
 from benchmark.store.checkpoints import sha256_file, verify
-from benchmark.store.io import atomic_save, atomic_write_json, atomic_write_text
+from benchmark.store.io import atomic_path, atomic_write_json, atomic_write_text
 from benchmark.store.provenance import git_info, now, versions
 from benchmark.store.results import Row, rebuild, row_dict, write_record
 from benchmark.train.distributed import launched_processes, process_group, rank, world_size
@@ -339,8 +339,9 @@ def _save_encoder(module: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_save(path, lambda p: save_file(tensors, str(p)))
-    atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
+    with atomic_path(path) as tmp:  # the sidecar first: an interrupted save never leaves an unverifiable encoder
+        save_file(tensors, str(tmp))
+        atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha256_file(tmp)}  {path.name}\n")
 
 
 def _encoder_ok(run_dir: Path) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from benchmark.errors import CheckpointIntegrityError
-from benchmark.store.io import atomic_save, atomic_write_text
+from benchmark.store.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,12 @@ def sha256_file(path: Path) -> str:
 
 
 def save_verified(obj: Any, path: Path) -> str:
-    """`torch.save` atomically, then write `<path>.sha256` atomically; returns the hash."""
-    atomic_save(path, lambda p: torch.save(obj, p))
-    digest = sha256_file(path)
-    atomic_write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
+    """`torch.save` to a temporary file, write `<path>.sha256` atomically, then move the file into place; returns the
+    hash. The sidecar exists before the file does, so an interrupted save never leaves a file that cannot be verified."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        digest = sha256_file(tmp)
+        atomic_write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
     return digest
 
 

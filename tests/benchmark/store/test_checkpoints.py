@@ -78,3 +78,35 @@ def test_failed_write_leaves_the_previous_file(tmp_path: Path, monkeypatch: pyte
         atomic_write_bytes(target, b"new" * 1000)
     assert target.read_bytes() == b"old complete"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the temp file is cleaned up
+
+
+def test_the_sidecar_exists_before_the_checkpoint_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18.11: a Ctrl-C between writing epoch0001.pt and its sidecar left a checkpoint that could not be verified,
+    and the rerun failed ('no valid checkpoint'). An interrupted save now leaves no checkpoint at all."""
+    from benchmark.store import checkpoints
+
+    def interrupted(path: object, text: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "atomic_write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_verified({"w": torch.ones(2)}, tmp_path / "epoch0001.pt")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    checkpoints.save_verified({"w": torch.ones(2)}, tmp_path / "epoch0001.pt")
+    assert torch.equal(checkpoints.load_verified(tmp_path / "epoch0001.pt")["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Issue 18.12: every atomically written file was 0600 (mkstemp's mode), unreadable to a lab's group."""
+    import os
+
+    from benchmark.store.io import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.csv", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.csv").stat().st_mode & 0o777 == mode

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from benchmark.config import check
 from benchmark.data.augment import ViewSpec
+from benchmark.errors import ConfigError
 from benchmark.registry import register_method
 
 START = 4  # side of the decoder's first map (official: a 4x4 transposed conv on the 1x1 bottleneck)
@@ -165,9 +166,9 @@ def inpainting_loss(pred: Tensor, target: Tensor, region: Tensor, hidden: Tensor
 def _in_channels(net: nn.Module) -> int:
     """The image channels: the input channels of the backbone's first Conv2d (ConvNet, ResNet, ViT patch embedding)."""
     conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
-    check(conv is not None, "inpainting reconstructs pixels and reads the image channels from the backbone's first "
-                            "Conv2d; this backbone has none: use convnet, resnet18/50 or a ViT")
-    assert conv is not None
+    if conv is None:
+        raise ConfigError("inpainting reconstructs pixels and reads the image channels from the backbone's first "
+                          "Conv2d; this backbone has none: use convnet, resnet18/50 or a ViT")
     return int(conv.in_channels)
 
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from benchmark.config import check
 from benchmark.data.augment import ViewSpec
 from benchmark.data.sets import Splits
+from benchmark.errors import ConfigError
 from benchmark.registry import register_method
 from benchmark.train.distributed import all_reduce_sum, rank
 from benchmark.train.kmeans import assign, kmeans, training_features
@@ -161,7 +162,8 @@ def cluster(x: Tensor, k: int, iters: int, redo: int, g: torch.Generator) -> tup
         objective = float(((fit - c[labels]) ** 2).sum())
         if best is None or objective < best[0]:
             best = (objective, c)
-    assert best is not None
+    if best is None:
+        raise ConfigError(f"pcl.kmeans_redo must be >= 1, got {redo}")
     return best[1], assign(x, best[1])
 
 

@@ -34,14 +34,15 @@ class Supervised(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        assert cfg.num_classes is not None, "supervised.num_classes is filled in from the dataset"
+        check(cfg.num_classes is not None, "supervised.num_classes is filled in from the dataset; set it when building by hand")
         self.head = nn.Linear(backbone.dim, cfg.num_classes)  # type: ignore[arg-type]
 
     def views(self, image_size: int) -> list[ViewSpec]:
         return [ViewSpec(size=image_size, scale=(0.35, 1.0), jitter_p=0.0, gray_p=0.0)]
 
     def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
-        assert labels is not None, "the supervised baseline needs labels"
+        if labels is None:
+            raise TypeError("the supervised baseline needs labels (uses_labels = True)")
         return F.cross_entropy(self.head(self.backbone(views[0])), labels, label_smoothing=self.cfg.label_smoothing)
 
     def encoder(self) -> nn.Module:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from benchmark.config import check
 from benchmark.data.sets import Splits
+from benchmark.errors import ConfigError
 from benchmark.evaluate.encoder import Encoder, split_features
 from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
 from benchmark.registry import register_protocol
@@ -81,7 +82,8 @@ def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalCont
         acc = topk_accuracy((xva @ params[0] + params[1]).cpu(), yva.cpu(), 1)
         if acc > best_acc:  # ties keep the stronger regularisation
             best_c, best_acc = C, acc
-    assert best_c is not None
+    if best_c is None:
+        raise ConfigError(f"linear: no C of the grid {list(c_grid(cfg))[:5]} gave a finite validation accuracy")
     W, b = fit_logistic(torch.cat([xtr, xva]), torch.cat([ytr, yva]), k, best_c, cfg.max_iter, cfg.tol)
     scores = (xte @ W + b).cpu()
     sel = f"val top1: C={best_c:.4g} of {cfg.grid_points}"

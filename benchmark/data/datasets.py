@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def load_raw(name: str, root: str | None) -> RawDataset:
         raise DatasetError(f"dataset {name!r} at {path} is unreadable or corrupt ({type(e).__name__}: {e}). {spec.how_to_get}") from None
 
 
-_CACHE: dict[tuple[str, str | None, DataConfig], Splits] = {}
+CACHE_SIZE = 4  # datasets kept in memory per process (a grid uses one or two at a time)
+_CACHE: OrderedDict[tuple[str, str | None, DataConfig], Splits] = OrderedDict()
 
 
 def load_splits(name: str, cfg: DataConfig) -> Splits:
@@ -54,6 +56,9 @@ def load_splits(name: str, cfg: DataConfig) -> Splits:
     key = (name, cfg.root, cfg)
     if key not in _CACHE:
         _CACHE[key] = make_splits(name, load_raw(name, cfg.root), cfg)
+        while len(_CACHE) > CACHE_SIZE:  # the least recently used goes: a sweep over many configs stays bounded
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
     return _CACHE[key]
 
 def _physical_memory() -> int:

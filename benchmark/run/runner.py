@@ -320,8 +320,9 @@ def _record_import(task: PretrainTask, meta_path: Path) -> dict[str, Any]:
     """A checkpoint is not trained: import it (checked) and record the report; evaluation re-imports it."""
     from benchmark.store.importers import import_encoder
 
-    assert task.checkpoint is not None
     ck = task.checkpoint
+    if ck is None:
+        raise TypeError(f"{task.label} is a pretraining task, not a checkpoint import")
     t0 = time.perf_counter()
     _, report = import_encoder(ck.path, ck.arch, ck.layout, trust=ck.trust, teacher=ck.teacher)
     if report.sha256 != task.checkpoint_sha256:

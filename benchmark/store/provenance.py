@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import platform
 import subprocess
 from pathlib import Path
@@ -14,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]  # benchmark/store/provenance.py -> t
 CODE = ["benchmark", "methods", "protocols", "run_benchmark.py", "pyproject.toml"]
 
 
-@functools.cache
 def git_info() -> tuple[str, bool]:
-    """(commit sha or 'unknown', whether the code differs from it, untracked files included)."""
+    """(commit sha or 'unknown', whether the code differs from it, untracked files included). Asked of git at each
+    call (two quick commands), never cached: an edit or a commit during a long run shows in the rows after it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         # dirty: any change to the code, new plugin files included; generated results do not count

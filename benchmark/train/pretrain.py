@@ -118,10 +118,12 @@ def pretrain(
     training only.
     """
     uncompile = compile_parts(model, cfg.compile)
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return _pretrain(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
     finally:
         uncompile()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # the caller's, not this run's
 
 
 @dataclass

@@ -174,7 +174,8 @@ def load_backbone(model: nn.Module, sd_d2: dict[str, Tensor], head: str) -> int:
         raise ConfigError(f"converted weights do not fit the Detectron2 model: missing {missing[:5]}, unexpected "
                           f"{extra[:5]}, shape {shapes[:5]} ({len(missing)}/{len(extra)}/{len(shapes)}); check the variant's head")
     result = model.load_state_dict(sd_d2, strict=False)
-    assert not result.unexpected_keys and not expected & set(result.missing_keys), result
+    if result.unexpected_keys or expected & set(result.missing_keys):  # checked above; Detectron2 disagreeing is a bug
+        raise RuntimeError(f"Detectron2 loaded the converted weights differently than checked: {result}")
     return len(sd_d2)
 
 

@@ -147,3 +147,15 @@ def test_an_image_folder_fingerprint_covers_every_image_and_class_name(tmp_path:
         (tmp_path / d / "b").rename(tmp_path / d / "c")  # the same images under another class name
     seen.add(fingerprint())
     assert len(seen) == 4
+
+
+def test_the_dataset_cache_is_bounded() -> None:
+    """Issue 18.15: every distinct data config stayed in memory for the life of the process."""
+    from benchmark.data import datasets
+
+    datasets._CACHE.clear()
+    for size in range(100, 100 + 2 * datasets.CACHE_SIZE):
+        datasets.load_splits("digits", DataConfig(train_size=size))
+    assert len(datasets._CACHE) == datasets.CACHE_SIZE
+    newest = datasets.load_splits("digits", DataConfig(train_size=99 + 2 * datasets.CACHE_SIZE))
+    assert datasets.load_splits("digits", DataConfig(train_size=99 + 2 * datasets.CACHE_SIZE)) is newest

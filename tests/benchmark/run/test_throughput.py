@@ -33,12 +33,12 @@ def test_throughput_command_small(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_unknown_probe_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--probe", "linearr", "--device", "cpu"]) == 2
-    assert "unknown protocol 'linearr' for --probe" in capsys.readouterr().out
+    assert "unknown protocol 'linearr' for --probe" in capsys.readouterr().err
 
 
 def test_unknown_method_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--method", "simclrr", "--device", "cpu"]) == 2
-    assert "unknown method 'simclrr'" in capsys.readouterr().out
+    assert "unknown method 'simclrr'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels", [1, 3])

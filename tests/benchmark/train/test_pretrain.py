@@ -238,3 +238,11 @@ def test_compiled_training_matches_eager_and_hands_back_an_eager_encoder(digits:
     before = (int(mc.backbone.calls), int(mc.backbone.compiled))
     compiled.encoder(torch.zeros(2, 1, 8, 8))
     assert (int(mc.backbone.calls), int(mc.backbone.compiled)) == (before[0] + 1, before[1])  # eager for the protocols
+
+
+def test_a_deterministic_run_leaves_the_process_as_it_found_it(digits: Splits, tmp_path: Path) -> None:
+    """Issue 18.15: `pretrain.deterministic=true` switched torch's deterministic mode on for the rest of the process."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    cfg = PretrainConfig(epochs=1, batch_size=256, lr=0.01, deterministic=True)
+    pretrain(NaNAt(at=10**9), digits, cfg, 0, tmp_path, torch.device("cpu"), progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()

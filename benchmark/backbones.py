@@ -103,7 +103,7 @@ def set_drop_path(backbone: nn.Module, rate: float) -> bool:
     blocks = getattr(getattr(backbone, "net", None), "blocks", None)
     if not isinstance(backbone, TimmViT) or blocks is None:
         return False
-    from timm.layers import DropPath
+    from timm.layers.drop import DropPath
 
     d = len(blocks)
     for i, blk in enumerate(blocks):

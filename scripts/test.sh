@@ -19,4 +19,7 @@ if [ "$mode" != off ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; th
 elif [ "$mode" = on ]; then
   echo "test: SSLBENCH_SLURM=on needs root and apt-get to start a local SLURM" >&2; exit 1
 fi
+echo "test: ruff (benchmark methods protocols tests) and mypy --strict (benchmark)"
+.venv/bin/ruff check benchmark methods protocols tests
+.venv/bin/python -m mypy benchmark
 .venv/bin/python -m pytest -q "$@"

@@ -136,7 +136,9 @@ def concat(sets: Sequence[DetectionSet], name: str) -> DetectionSet:
         images = LazyImages([p for s in sets for p in s.images.paths], sets[0].images.channels)  # type: ignore[attr-defined]
     else:
         images = [im for s in sets for im in s.images]
-    cat = lambda attr: [t for s in sets for t in getattr(s, attr)]  # noqa: E731
+    def cat(attr: str) -> list[Any]:
+        return [t for s in sets for t in getattr(s, attr)]
+
     fp = _digest("+".join(s.fingerprint for s in sets).encode())[:16]
     return DetectionSet(name, sets[0].classes, images, cat("boxes"), cat("labels"), cat("difficult"), cat("ids"), fp)
 
@@ -218,7 +220,7 @@ def read_coco(annotations: str | Path, image_dir: str | Path) -> DetectionSet:
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"COCO annotation file {path} is not a COCO instances file ({type(e).__name__}: {e})") from None
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
-    per_image: dict[int, list[dict]] = {im["id"]: [] for im in images}
+    per_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in images}
     for a in anns:
         if a.get("image_id") not in per_image or a.get("category_id") not in cat_index:
             raise DatasetError(f"{path}: annotation {a.get('id')} names an unknown image or category")

@@ -149,7 +149,10 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
     if hasattr(encoder, "effective_batch_size"):
         encoder.effective_batch_size = bs
     if path is not None:
-        atomic_save(path, lambda p: torch.save(out, p))
+        try:
+            atomic_save(path, lambda p: torch.save(out, p))
+        except (OSError, RuntimeError) as e:  # an optimisation: a full disk costs a recomputation, not the cell (torch.save: RuntimeError)
+            log.warning("feature cache %s not written (%s); going on without it", path, e)
     if memo is not None and name:
         memo[name] = out
     return out

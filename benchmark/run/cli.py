@@ -19,7 +19,7 @@ from benchmark.device import default_device, describe
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES, discover
 from benchmark.run.executor import EXECUTORS, SlurmConfig, make_executor
-from benchmark.run.runner import CheckpointSpec, Request, plan, run
+from benchmark.run.runner import CheckpointSpec, Request, TablesNotWritten, plan, run
 from benchmark.run.suites import Suite
 from benchmark.store.io import check_writable_dir, check_writable_file
 
@@ -279,6 +279,9 @@ def _main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         executor = make_executor(args.executor, out, slurm_config(args))
         summary = run(p, executor, out, force=req.force)
+    except TablesNotWritten as e:  # the work ran: not a bad request
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except SSLBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import yaml
 from benchmark import config as C
 from benchmark.data.datasets import load_splits, save_split_file
 from benchmark.device import describe
-from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable
+from benchmark.errors import CheckpointIntegrityError, ConfigError, NotApplicable, SSLBenchError
 from benchmark.evaluate.encoder import FrozenEncoder
 from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS
@@ -493,6 +493,10 @@ def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = 
 # --------------------------------------------------------------------------- the grid
 
 
+class TablesNotWritten(SSLBenchError):
+    """The grid ran but results.csv / the leaderboard could not be written (a full or vanished disk)."""
+
+
 @dataclass
 class Summary:
     done: int = 0
@@ -562,7 +566,11 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
     outcomes = _await_pretraining(list(zip(pre_tasks, pre_jobs)), cells_of, executor, out, echo, poll_s)
     for i, outcome in enumerate(outcomes, 1):
         _collect(outcome, f"[{i}/{len(outcomes)}]", summary, echo)
-    rebuild(out)
+    try:
+        rebuild(out)
+    except OSError as e:
+        raise TablesNotWritten(f"the tables in {out} could not be written ({e.strerror or e}); free space and rerun the same "
+                               f"command: {summary.done} finished cells are kept and only the rest reruns") from None
     return summary
 
 
@@ -631,7 +639,10 @@ def _collect(outcome: Outcome, head: str, summary: Summary, echo: Any) -> None:
     if err is None and not _finished(task):  # "success" without a valid record is a failure (T15)
         err = RuntimeError(f"job {ejob.job_id if ejob else '-'} ended without a valid result file {task.record_path}")
     if err is not None:
-        failed_record(task, err, "pretrain" if ejob is None else ejob.job_id, "" if ejob is None else ejob.log)
+        try:
+            failed_record(task, err, "pretrain" if ejob is None else ejob.job_id, "" if ejob is None else ejob.log)
+        except OSError as e:  # a full disk: this cell stays unrecorded (a rerun retries it); the grid goes on
+            log.warning("could not write the failure record of %s: %s", task.label, e)
         if isinstance(err, NotApplicable):
             summary.not_applicable.append(f"{task.label}: {err}")
             echo(f"{head} {task.label}: skipped: {err}")

@@ -86,3 +86,20 @@ def test_export_to_torchvision_round_trips_bit_identically(tmp_path: Path) -> No
     m1, _ = import_encoder(a)
     m2, rep = import_encoder(tmp_path / "tv.pth")
     assert rep.layout == "torchvision" and torch.equal(m1(x), m2(x))
+
+
+def test_trust_is_given_per_checkpoint(tmp_path: Path) -> None:
+    """Issue 18.13: --trust-checkpoint trusted every --checkpoint of the command; now it names the one it trusts."""
+    import fractions
+
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        torch.save({**torchvision.models.resnet18().state_dict(), "note": fractions.Fraction(1, 3)}, tmp_path / f"{name}.pth")
+    specs = ["--checkpoint", f"a={tmp_path / 'a.pth'}", "--checkpoint", f"b={tmp_path / 'b.pth'}", "--out", str(tmp_path / "o")]
+    r = run_cli(*GRID, *specs, "--trust-checkpoint", "b")
+    assert r.returncode == 2 and "a.pth needs globals outside the reviewed allowlist: fractions.Fraction" in r.stderr, r.stderr
+    r = run_cli(*GRID, *specs, "--trust-checkpoint", "c")
+    assert r.returncode == 2 and "--trust-checkpoint c: no --checkpoint has that NAME (given: a, b)" in r.stderr, r.stderr
+    r = run_cli(*GRID, *specs, "--trust-checkpoint", "a", "--trust-checkpoint", "b")
+    assert r.returncode == 0, r.stderr
+    assert sorted(pd.read_csv(tmp_path / "o" / "leaderboard.csv").method) == ["a", "b"]

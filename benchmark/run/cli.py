@@ -57,7 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH[@ARCH]",
                    help="evaluate a checkpoint file as a leaderboard row (repeatable); ARCH e.g. resnet50, else inferred")
     p.add_argument("--checkpoint-layout", help="layout of the --checkpoint files when detection is ambiguous (see --list)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading: only for files you trust")
+    p.add_argument("--trust-checkpoint", action="append", nargs="?", const="*", default=[], metavar="NAME",
+                   help="allow a full pickle load of the --checkpoint NAME (repeatable; bare: every --checkpoint): "
+                        "only for files you trust, it may run code")
     p.add_argument("--student", action="store_true", help="teacher/student checkpoints (DINO): evaluate the student")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR",
                    help="a folder holding methods/*.py and/or protocols/*.py to register beside the built-in plugins "
@@ -103,7 +105,8 @@ def parse_checkpoint(raw: str, args: argparse.Namespace) -> CheckpointSpec:
         raise ConfigError(f"--checkpoint {name}: {path} does not exist (a missing checkpoint is never replaced by a random init)")
     if Path(path).is_dir():
         raise ConfigError(f"--checkpoint {name}: {path} is a directory; give the checkpoint file inside it")
-    return CheckpointSpec(name, path, arch or None, args.checkpoint_layout, args.trust_checkpoint, not args.student)
+    trusted = args.trust_checkpoint if isinstance(args.trust_checkpoint, list) else (["*"] if args.trust_checkpoint else [])
+    return CheckpointSpec(name, path, arch or None, args.checkpoint_layout, "*" in trusted or name in trusted, not args.student)
 
 
 def load_plugins(folders: list[str]) -> None:
@@ -175,6 +178,10 @@ def build_request(args: argparse.Namespace) -> Request:
     if args.data_root:
         user = C.merge(user, {"data": {"root": args.data_root}})
     checkpoints = tuple(parse_checkpoint(c, args) for c in args.checkpoint)
+    unknown = sorted(set(args.trust_checkpoint) - {"*"} - {c.name for c in checkpoints})
+    if unknown:
+        raise ConfigError(f"--trust-checkpoint {', '.join(unknown)}: no --checkpoint has that NAME "
+                          f"(given: {', '.join(c.name for c in checkpoints) or 'none'})")
     return Request(
         methods=_names(args.methods, () if checkpoints else suite.methods, "methods"),
         protocols=_names(args.protocols, suite.protocols, "protocols"),

@@ -82,8 +82,27 @@ def safe_load(path: str | Path, trust: bool = False) -> Any:
     return _load(Path(path), trust)[0]
 
 
+_LOADED: dict[tuple[str, int, int, bool], tuple[Any, str | None]] = {}  # the last file read, by (path, size, mtime, trust)
+
+
 def _load(path: Path, trust: bool) -> tuple[Any, str | None]:
-    """`safe_load`, plus the sha256 when a sidecar vouched for it (so large files are hashed once)."""
+    """`safe_load`, plus the sha256 when a sidecar vouched for it (so large files are hashed once). The last file is
+    kept in memory: planning, import and evaluation in one process read (and, trusted, unpickle) it once."""
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, trust)
+    except OSError:
+        key = None
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
+    loaded = _read(path, trust)
+    _LOADED.clear()
+    if key is not None:
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _read(path: Path, trust: bool) -> tuple[Any, str | None]:
     if not path.exists():
         raise CheckpointFormatError(f"checkpoint {path} does not exist (refusing to evaluate a randomly initialised encoder)")
     if path.is_dir():
@@ -123,7 +142,12 @@ def _load_weights_only(path: Path) -> Any:
 
 def _load_trusted(path: Path) -> Any:
     """The only full-pickle load in sslbench: reached solely through `trust=True` (--trust-checkpoint)."""
-    log.warning("loading %s with full pickle (trusted by the caller): it may run code", path)
+    try:
+        needs = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
+    except Exception:  # legacy (non-zip) format: its globals cannot be listed without unpickling
+        needs = ["(legacy format: not listed)"]
+    log.warning("loading %s with full pickle (trusted by the caller): it may run code; it imports %s", path,
+                ", ".join(needs) or "nothing beyond tensors")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

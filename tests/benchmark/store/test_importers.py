@@ -539,3 +539,22 @@ def test_export_detectron2_pickle(tmp_path: Path) -> None:
     assert np.array_equal(blob["model"]["res4.0.shortcut.norm.running_var"], bn.running_var.numpy())
     with pytest.raises(CheckpointFormatError, match="7x7"):
         export_detectron2(TorchvisionResNet("resnet18", 3, small_stem=True), tmp_path / "cifar.pkl")
+
+
+def test_a_trusted_file_is_unpickled_once_and_its_globals_are_named(tmp_path: Path, r18: nn.Module,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18.13: a trusted pickle (which may run code) was unpickled at planning, at import and at evaluation."""
+    from benchmark.store import importers
+
+    torch.save({**sd_of(r18), "note": fractions.Fraction(1, 3)}, tmp_path / "frac.pth")
+    calls: list[Path] = []
+    real = importers._load_trusted
+    monkeypatch.setattr(importers, "_load_trusted", lambda p: calls.append(p) or real(p))
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            module, _ = import_encoder(tmp_path / "frac.pth", trust=True)
+    assert len(calls) == 1 and "it imports fractions.Fraction" in caplog.text
+    torch.save({**sd_of(r18), "note": fractions.Fraction(2, 3)}, tmp_path / "frac.pth")  # a changed file is read again
+    import_encoder(tmp_path / "frac.pth", trust=True)
+    assert len(calls) == 2

@@ -7,6 +7,7 @@ files under `out`, so any executor (local now, SLURM later) can run them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from benchmark.evaluate.encoder import FrozenEncoder
 from benchmark.evaluate.protocol import EvalContext
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS
 from benchmark.run.executor import Executor, Job, current_job_id
+from benchmark.run.lock import holding
 from benchmark.store.checkpoints import sha256_file, verify
 from benchmark.store.io import atomic_path, atomic_write_json, atomic_write_text
 from benchmark.store.provenance import git_info, now, versions
@@ -546,6 +548,12 @@ def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any =
     """Run the grid: every pretraining task that a missing cell needs (one job array), and, as soon as an
     encoder is ready, its evaluation cells (one array per encoder). Collects every job on its own (a failed or
     killed job costs only its cells); a job that ends without a valid record counts as failed. Rebuilds the tables."""
+    follower = launched_processes() > 1 and os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 holds `out`
+    with contextlib.nullcontext() if follower else holding(out):
+        return _run(p, executor, out, force, echo, poll_s)
+
+
+def _run(p: Plan, executor: Executor, out: Path, force: bool, echo: Any, poll_s: float) -> Summary:
     summary = Summary()
     cells_of = _cells_to_run(p, out, force, summary, echo)
     pre_tasks = [t for t in p.pretrain if t.run_dir in cells_of]

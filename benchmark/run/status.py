@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from benchmark.run.lock import last_run
+
 SLURM_ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "CONFIGURING": "running", "RUNNING": "running",
                 "COMPLETING": "running", "SUSPENDED": "running", "RESIZING": "running"}
 
@@ -102,6 +104,9 @@ def main(argv: list[str]) -> int:
     counts = df["state"].value_counts()
     order = ["done", "skipped", "running", "pending", "waiting", "failed"]
     print(f"{args.out}: {len(df)} cells: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in order))
+    line = last_run(Path(args.out))
+    if line:
+        print(line)
     shown = df if args.all else df[df["state"] != "done"]
     if not shown.empty:
         print(shown.to_string(index=False, max_colwidth=120))

@@ -260,3 +260,26 @@ def test_a_full_disk_costs_only_what_cannot_be_written(tmp_path: Path, monkeypat
     with pytest.raises(runner.TablesNotWritten, match=r"could not be written \(No space left on device\); free space and "
                        r"rerun the same command: 0 finished cells are kept"):
         run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+
+
+def test_one_command_at_a_time_per_out_and_status_tells_a_dead_run(tmp_path: Path) -> None:
+    """Issue 18.14: two commands on one --out both ran the same cells; status could not tell a dead run from a live one."""
+    import subprocess
+    import sys
+
+    from benchmark.errors import ConfigError
+    from benchmark.run.lock import holding, last_run
+
+    with holding(tmp_path):
+        assert last_run(tmp_path).startswith("last run: running (pid ")
+        with pytest.raises(ConfigError, match=r"another sslbench command is running on .* \(pid \d+ on .*\); wait for it"):
+            run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
+    assert last_run(tmp_path).startswith("last run: finished at ")
+    # a command killed while it holds the lock: the OS frees the lock, run.json still says running
+    code = ("import sys, os; from pathlib import Path; from benchmark.run.lock import holding\n"
+            f"with holding(Path({str(tmp_path)!r})):\n    os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3]).returncode == 9
+    assert last_run(tmp_path).startswith("last run: ended without finishing (pid ")
+    assert "rerun the same command to resume" in last_run(tmp_path)
+    with holding(tmp_path):  # and the next command may take it
+        pass

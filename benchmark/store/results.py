@@ -119,7 +119,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     table["n_seeds"] = ok.groupby("row")["seed"].nunique()
     for col in ("suite", "backbone", "device"):
         table[col] = ok.groupby("row")[col].agg(lambda v: ",".join(sorted(set(map(str, v)))))
-    table["flags"] = ok.groupby("row")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f != "nan"})))
+    table["flags"] = ok.groupby("row")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f not in ("nan", "None")})))
     table.index.name = "method"
     first = [c for c in table.columns if "/" in c]
     order = table[first[0]].str.split(" ").str[0].replace("", "nan").astype(float) if first else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmark.store.results import Row, leaderboard, rebuild, row_dict, write_record
 
@@ -17,7 +18,12 @@ def _rec(out: Path, name: str, method: str, seed: int, value: float, status: str
     write_record(out / "records" / f"{name}.json", {"status": status, "rows": [row_dict(Row("top1", value), prov)]})
 
 
-def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path) -> None:
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _mixed_records(tmp_path: Path) -> None:
+    """Seeds, an older attempt, a failure, a divergence, another protocol version, a NaN value, half-written and
+    broken files: every kind of row the tables must sort out."""
     for seed, v in enumerate([0.80, 0.82, 0.84]):
         _rec(tmp_path, f"a{seed}", "byol", seed, v)
     _rec(tmp_path, "old", "byol", 0, 0.10, finished="2025-01-01T00:00:00")  # an older attempt of seed 0
@@ -27,6 +33,11 @@ def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path)
     _rec(tmp_path, "v2", "simclr", 0, 0.5, protocol="knn", version="2")  # never mixed with @1
     (tmp_path / "records" / ".half.json.123.tmp").write_text('{"rows": [')  # an interrupted write
     (tmp_path / "records" / "broken.json").write_text('{"rows": [')
+    _rec(tmp_path, "n0", "dino", 0, float("nan"))  # an "ok" row without a value: not a number on the board
+
+
+def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path) -> None:
+    _mixed_records(tmp_path)
     df, table = rebuild(tmp_path)
     assert df.duplicated(["method", "protocol", "protocol_version", "dataset", "seed", "split", "metric"]).sum() == 0
     board = table.set_index("method")
@@ -36,10 +47,22 @@ def test_leaderboard_means_latest_attempts_and_excludes_failures(tmp_path: Path)
     assert list(table.method) == ["simclr", "byol"]  # ranked by the first column
     fails = pd.read_csv(tmp_path / "failures.csv")
     assert set(zip(fails.method, fails.status)) == {("simclr", "failed"), ("mocov2", "diverged")}
-    # deterministic: a second rebuild writes the same bytes
-    first = (tmp_path / "leaderboard.csv").read_bytes()
+    assert "dino" not in board.index
+
+
+@pytest.mark.parametrize("name", ["leaderboard.csv", "leaderboard.md", "failures.csv", "results.csv"])
+def test_tables_match_the_golden_files_byte_for_byte(tmp_path: Path, name: str) -> None:
+    """T13: the tables of `_mixed_records`, checked by eye once and kept in tests/benchmark/store/golden/. A change
+    to a table's format or content fails here; regenerate with SSLBENCH_REGOLD=1 and review the diff."""
+    import os
+
+    _mixed_records(tmp_path)
     rebuild(tmp_path)
-    assert (tmp_path / "leaderboard.csv").read_bytes() == first
+    got = (tmp_path / name).read_bytes()
+    if os.environ.get("SSLBENCH_REGOLD"):
+        GOLDEN.mkdir(exist_ok=True)
+        (GOLDEN / name).write_bytes(got)
+    assert got == (GOLDEN / name).read_bytes()
 
 
 def test_configurations_keep_their_own_rows_and_are_never_averaged(tmp_path: Path) -> None:

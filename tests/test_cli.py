@@ -185,3 +185,50 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_the_rerun_resumes(tmp_path: Pa
     assert not list((tmp_path / "records").rglob("*.json")) if (tmp_path / "records").exists() else True
     r = run_cli(*args, "-v")
     assert r.returncode == 0 and "resumed from epoch" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_killed_orchestrator_reruns_exactly_the_missing_cells_and_force_reruns_all(tmp_path: Path) -> None:
+    """T9: the command SIGKILLed after its first finished cell; the rerun runs only the others; --force runs all."""
+    from tests.conftest import REPO
+
+    args = [*SMALL, "--methods", "random,simclr", "--protocols", "knn,linear", "--set", "linear.grid_points=2",
+            "--no-progress", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_benchmark.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "records").rglob("seed0-*.json")) if (tmp_path / "records").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first record"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = len([p for p in (tmp_path / "records").rglob("seed0-*.json") if not p.name.endswith(".failed.json")])
+    assert 1 <= done < 4
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"{done} of 4 cells already have results" in r.stdout and f"{4 - done} cells done, {done} reused" in r.stdout
+    r = run_cli(*args, "--force")
+    assert r.returncode == 0 and "4 cells done, 0 reused" in r.stdout, r.stdout
+
+
+def test_a_write_killed_midway_leaves_the_old_file_and_its_temp_is_cleaned(tmp_path: Path) -> None:
+    """T3(b): SIGKILL inside an atomic write: the target keeps its old bytes; the next run removes the stale temp."""
+    import os
+
+    target = tmp_path / "out" / "records" / "cell.json"
+    target.parent.mkdir(parents=True)
+    target.write_text('{"old": true}')
+    code = ("import time; from benchmark.store.io import atomic_save\n"
+            "def slow(p):\n    p.write_text('{\"half\": ')\n    print('writing', flush=True)\n    time.sleep(60)\n"
+            f"atomic_save({str(target)!r}, slow)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    (temp,) = list(target.parent.glob(".cell.json.*.tmp"))
+    assert target.read_text() == '{"old": true}'
+    os.utime(temp, (time.time() - 7200, time.time() - 7200))  # two hours old: nobody is writing it
+    young = target.parent / ".other.json.x.tmp"
+    young.write_text("{")  # a write that may still be going on is left alone
+    r = run_cli(*SMALL, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0 and "removed 1 temporary files of interrupted writes" in r.stdout, r.stdout
+    assert not temp.exists() and young.exists() and target.read_text() == '{"old": true}'

@@ -33,7 +33,7 @@ from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS
 from benchmark.run.executor import Executor, Job, current_job_id
 from benchmark.run.lock import holding
 from benchmark.store.checkpoints import sha256_file, verify
-from benchmark.store.io import atomic_path, atomic_write_json, atomic_write_text
+from benchmark.store.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps
 from benchmark.store.provenance import git_info, now, versions
 from benchmark.store.results import Row, rebuild, row_dict, write_record
 from benchmark.train.distributed import launched_processes, process_group, rank, world_size
@@ -585,6 +585,9 @@ def _run(p: Plan, executor: Executor, out: Path, force: bool, echo: Any, poll_s:
 def _cells_to_run(p: Plan, out: Path, force: bool, summary: Summary, echo: Any) -> dict[str, list[EvalTask]]:
     """Write the grid for `status`; the cells without a finished record (all with `force`), by encoder run folder."""
     out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out)  # this command holds `out`: leftovers of a killed write are nobody's
+    if stale:
+        echo(f"removed {stale} temporary files of interrupted writes")
     atomic_write_json(out / "grid.json", {"cells": [_cell_row(t) for t in p.evals]})  # what `status` reports on
     todo = [t for t in p.evals if force or not _finished(t)]
     summary.skipped = len(p.evals) - len(todo)

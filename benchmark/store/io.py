@@ -93,3 +93,19 @@ def check_writable_file(path: str | Path, flag: str) -> None:
         _probe(p.parent)
     except OSError as e:
         raise ConfigError(f"{flag} {p} cannot be written ({e.strerror or e}); pass a path you can write to") from None
+
+
+def remove_stale_temps(root: str | Path, older_than_s: float = 3600.0) -> int:
+    """Delete the temporary files of interrupted atomic writes under `root` (a SIGKILL between write and rename leaves
+    them) that are older than `older_than_s` (a younger one may belong to a job still writing). Returns how many."""
+    import time
+
+    cutoff, n = time.time() - older_than_s, 0
+    for p in Path(root).rglob(".*.tmp"):
+        try:
+            if is_temp(p) and p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                n += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return n

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
 from benchmark.data.augment import ViewSpec, make_views
 from benchmark.data.sets import Splits
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.store.checkpoints import CheckpointDir
 from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
 from benchmark.train.method import Hooks, Method, check_method
@@ -166,6 +166,20 @@ class _Run:
         return PretrainOutcome("diverged", self.method.encoder(), self.history, at, self.last_finite, at, reason)
 
 
+class PretrainOOM(SSLBenchError):
+    """Pretraining ran out of memory. The batch is the method's recipe (it sets the lr and the loss's negatives), so it
+    is never shrunk behind the user's back: the message names the batch and the knobs."""
+
+
+def _reraise_oom(error: RuntimeError, run: _Run, views: list[Tensor]) -> NoReturn:
+    if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()):
+        raise error
+    shapes = ", ".join(sorted({f"{v.shape[-1]} px" for v in views}))
+    raise PretrainOOM(f"out of memory in pretraining at pretrain.batch_size={run.cfg.batch_size} ({len(views)} views, {shapes}) "
+                      f"on {run.device} with {run.cfg.backbone}: lower pretrain.batch_size (lr scales with it), "
+                      "data.image_size or the method's crops; the effective batch is never changed silently") from None
+
+
 def _sane(loss: float, run: _Run) -> bool:
     """The divergence rule: a loss counts only when it is finite and within the method's declared bound."""
     return math.isfinite(loss) and abs(loss) <= run.hooks.loss_bound
@@ -281,13 +295,19 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
         progress = run.step / max(1, run.total)
         wd = run.hooks.weight_decay_at(progress, cfg.weight_decay) if run.hooks.weight_decay_at is not None else None
         set_hyperparameters(run.opt, lr_at(run.step, run.total, run.warmup, base_lr(cfg), cfg.min_lr), base_lr(cfg), wd)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
-            loss = run.hooks.loss(run.method, views, progress, labels, idx.to(run.device))
+        try:
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+                loss = run.hooks.loss(run.method, views, progress, labels, idx.to(run.device))
+        except RuntimeError as e:  # torch.OutOfMemoryError included
+            _reraise_oom(e, run, views)
         pending.append(all_reduce_mean(loss.detach().float().clone()))  # the same on every process; stays on the device
         if run.sync_every == 1 and not _sane(float(pending[-1]), run):  # CPU: stop before the step applies NaNs
             return run.diverged(run.step, float(pending[-1]))
         run.opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        try:
+            loss.backward()  # type: ignore[no-untyped-call]
+        except RuntimeError as e:
+            _reraise_oom(e, run, views)
         average_gradients(run.params)
         if cfg.clip_grad > 0:
             clip_per_parameter(run.model, cfg.clip_grad)

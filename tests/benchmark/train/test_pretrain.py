@@ -246,3 +246,24 @@ def test_a_deterministic_run_leaves_the_process_as_it_found_it(digits: Splits, t
     cfg = PretrainConfig(epochs=1, batch_size=256, lr=0.01, deterministic=True)
     pretrain(NaNAt(at=10**9), digits, cfg, 0, tmp_path, torch.device("cpu"), progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+class OOMAt(NaNAt):
+    """A loss that runs out of memory above a batch size (T8 for pretraining)."""
+
+    def loss(self, views: list[Tensor], progress: float, labels: Tensor | None = None) -> Tensor:
+        if len(views[0]) > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().loss(views, progress, labels)
+
+
+def test_pretraining_out_of_memory_names_the_batch_and_never_shrinks_it(digits: Splits, tmp_path: Path) -> None:
+    """T8: an OOM in pretraining is one line naming the batch and the knob, never a silently smaller batch."""
+    from benchmark.train.pretrain import PretrainOOM
+
+    with pytest.raises(PretrainOOM, match=r"^out of memory in pretraining at pretrain.batch_size=64 \(1 views, 16 px\) "
+                                          r"on cpu with convnet: lower pretrain.batch_size"):
+        pretrain(OOMAt(at=10**9), digits, PretrainConfig(epochs=1, batch_size=64), 0, tmp_path, torch.device("cpu"), progress=False)
+    assert not list(tmp_path.rglob("epoch*.pt"))
+    ok = pretrain(OOMAt(at=10**9), digits, PretrainConfig(epochs=1, batch_size=32), 0, tmp_path / "b", torch.device("cpu"), progress=False)
+    assert ok.status == "ok" and ok.steps == len(digits.train) // 32

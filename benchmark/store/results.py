@@ -57,6 +57,50 @@ KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]  # a cell up
 STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "failed": 4}
 
 
+# Filled in every row of a finished (ok / collapsed) cell: what makes its number traceable.
+PROVENANCE = ["run_id", "method", "protocol", "protocol_version", "dataset", "seed", "suite", "backbone", "config_hash",
+              "setting", "pretrain_hash", "pretrain_setting", "dataset_fingerprint", "git_sha", "torch", "python", "device",
+              "started_at", "finished_at"]
+
+
+def record_problems(record: Any) -> list[str]:
+    """What makes `record` not a valid cell record (empty: valid): the schema every record the runner writes obeys."""
+    if not isinstance(record, dict):
+        return [f"not a JSON object but {type(record).__name__}"]
+    problems = []
+    status = record.get("status")
+    if status not in STATUS_ORDER:
+        problems.append(f"status {status!r} not one of {', '.join(STATUS_ORDER)}")
+    rows = record.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return problems + ["no rows"]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            problems.append(f"row {i} is not an object")
+            continue
+        if set(row) != set(COLUMNS):
+            problems.append(f"row {i} columns differ from COLUMNS (missing {sorted(set(COLUMNS) - set(row))[:3]}, "
+                            f"extra {sorted(set(row) - set(COLUMNS))[:3]})")
+        if row.get("status") != status:
+            problems.append(f"row {i} status {row.get('status')!r} differs from the record's {status!r}")
+        if not isinstance(row.get("metric"), str) or not isinstance(row.get("seed"), int):
+            problems.append(f"row {i}: metric must be a string and seed an integer")
+        value = row.get("value")
+        if value is not None and not isinstance(value, (int, float)):
+            problems.append(f"row {i}: value {value!r} is not a number")
+        if not (isinstance(row.get("config_hash"), str) and len(row["config_hash"]) == 12):
+            problems.append(f"row {i}: config_hash {row.get('config_hash')!r} is not 12 hex digits")
+        if status in ("ok", "collapsed"):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"row {i}: a finished cell's value must be a finite number, got {value!r}")
+            missing = [c for c in PROVENANCE if row.get(c) in (None, "")]
+            if missing:
+                problems.append(f"row {i}: provenance missing: {', '.join(missing)}")
+    if status in ("ok", "collapsed") and not isinstance(record.get("config"), dict):
+        problems.append("no resolved config")
+    return problems
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
     """Write one cell's record (`status`, `rows`, `meta`) atomically."""
     atomic_write_json(path, record)

@@ -49,12 +49,16 @@ def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen[str], timeou
     pytest.fail(f"timed out waiting for {pattern}")
 
 
-@pytest.mark.parametrize("kill_after", ["epoch0002.pt.sha256", "epoch0003.pt.sha256"])
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, kill_after: str) -> None:
+@pytest.mark.parametrize("kill_after, into_epoch", [("epoch0002.pt.sha256", 0.0), ("epoch0003.pt.sha256", 0.0),
+                                                    ("epoch0002.pt.sha256", 0.5)])  # T1: at a boundary and mid-epoch
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, kill_after: str, into_epoch: float) -> None:
     ref = _start(tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
+    epoch_s = [h["epoch_s"] for h in json.loads((_run_dir(tmp_path / "ref") / "pretrain.json").read_text())["history"]]
     victim = _start(tmp_path / "killed")
     _wait_for(tmp_path / "killed", kill_after, victim)
+    time.sleep(into_epoch * min(epoch_s))  # half an epoch past the checkpoint: steps done that the rerun must redo
+    assert victim.poll() is None, "the run finished before the kill"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL

@@ -165,8 +165,9 @@ def _variant(sections: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(parts)
 
 
-def _pretrain_cfgs(method: str, ov: dict[str, dict[str, Any]], splits: Any) -> tuple[C.PretrainConfig, Any]:
-    """The resolved pretraining and method configs of `method` under the override layers `ov`."""
+def _pretrain_cfgs(method: str, ov: dict[str, dict[str, Any]], splits: Any, quiet: bool = False) -> tuple[C.PretrainConfig, Any]:
+    """The resolved pretraining and method configs of `method` under the override layers `ov` (`quiet`: the base
+    a variant is named against, resolved a second time: its substitutions are not told again)."""
     entry = METHODS.entry(method)
     # a method's `pretrain` defaults yield to the suite and the user (`pretrain`, then the method's own
     # `pretrain@<method>` section); its `pretrain_fixed` settings do not
@@ -175,7 +176,9 @@ def _pretrain_cfgs(method: str, ov: dict[str, dict[str, Any]], splits: Any) -> t
                                                      **entry.meta.get("pretrain_fixed", {})}, "pretrain")
     allowed = entry.meta.get("backbones")  # a method that only works on some backbones (MAE: ViTs)
     if allowed and pre_cfg.backbone not in allowed:
-        log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0], pre_cfg.backbone)
+        if not quiet:
+            log.warning("%s needs one of the backbones %s; using %s instead of %s", method, ", ".join(allowed), allowed[0],
+                        pre_cfg.backbone)
         pre_cfg = dataclasses.replace(pre_cfg, backbone=allowed[0])
     BACKBONES.entry(pre_cfg.backbone)  # unknown: one line now, not a traceback inside the job
     m_cfg = _fill_from_data(C.apply_overrides(METHODS.default_config(method), ov.get(method, {}), method), splits.num_classes,
@@ -204,19 +207,19 @@ def plan(req: Request) -> Plan:
         splits = load_splits(dataset, data_cfg)  # fails now, not inside a job, if the data is missing
         for ck, report in zip(req.checkpoints, imported):
             pre_cfg = C.PretrainConfig(backbone=report.arch.split(" ")[0], epochs=0)
-            identity = {"checkpoint_sha256": report.sha256, "arch": report.arch, "layout": report.layout,
-                        "teacher": ck.teacher, "data": data_cfg, "dataset": dataset, "fingerprint": splits.fingerprint}
+            # an imported encoder does not depend on the seed: one hash, one run folder for every seed
+            ph = C.config_hash({"checkpoint_sha256": report.sha256, "arch": report.arch, "layout": report.layout,
+                                "teacher": ck.teacher, "data": data_cfg, "dataset": dataset, "fingerprint": splits.fingerprint})
+            run_dir = out / "runs" / dataset / ck.name / f"checkpoint-{ph}"
+            data_variant = _variant({"data": (data_cfg, base_data)})
             for seed in req.seeds:
-                ph = C.config_hash(identity)
-                run_dir = out / "runs" / dataset / ck.name / f"checkpoint-{ph}"
                 pt = PretrainTask(ck.name, dataset, seed, data_cfg, pre_cfg, None, ph, str(run_dir), str(out), req.suite,
-                                  req.device, req.progress, ck, report.sha256, setting=ph,
-                                  variant=_variant({"data": (data_cfg, base_data)}))
+                                  req.device, req.progress, ck, report.sha256, setting=ph, variant=data_variant)
                 pre_tasks.append(pt)
                 eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
         for method in req.methods:
             pre_cfg, m_cfg = _pretrain_cfgs(method, ov, splits)
-            base_pre, base_m = _pretrain_cfgs(method, base, splits)
+            base_pre, base_m = _pretrain_cfgs(method, base, splits, quiet=True)
             identity = {"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg, "dataset": dataset,
                         "fingerprint": splits.fingerprint}
             variant = _variant({"data": (data_cfg, base_data), "pretrain": (pre_cfg, base_pre), method: (m_cfg, base_m)})

@@ -42,8 +42,9 @@ from tqdm import tqdm
 
 from benchmark.backbones import stages, torchvision_resnet_state
 from benchmark.config import check, nohash
+from benchmark.data.colour import convert_channels
 from benchmark.data.detection import DETECTION_DATASETS, Detections, DetectionSet, EmbeddedSpec, load_detection
-from benchmark.data.sets import Splits, convert_channels
+from benchmark.data.sets import Splits
 from benchmark.evaluate.encoder import Encoder
 from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext
 from benchmark.registry import register_protocol

@@ -34,13 +34,34 @@ class Config:
         check(self.temperature > 0, f"knn.temperature must be > 0, got {self.temperature}")
 
 
-def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int, t: float, num_classes: int, chunk: int = 1024) -> Tensor:
-    """Class scores (M, num_classes) of `test_f` (M, D) by a weighted vote of the k nearest `train_f` (N, D)."""
-    train_f = F.normalize(train_f, dim=1)
-    k = min(k, len(train_f))
+BANK_CHUNK = 65_536  # bank rows compared at once: similarities stay (queries x BANK_CHUNK), whatever the bank's size
+
+
+def knn_predict(train_f: Tensor | list[Tensor], train_y: Tensor, test_f: Tensor, k: int, t: float, num_classes: int,
+                chunk: int = 1024) -> Tensor:
+    """Class scores (M, num_classes) of `test_f` (M, D) by a weighted vote of the k nearest of the bank `train_f`
+    (N, D), or of the bank given as parts (e.g. [train, val], never concatenated), labels `train_y` (N,).
+
+    Out of core: the bank is normalised and compared BANK_CHUNK rows at a time, keeping a running top-k, so memory
+    holds the bank once plus (chunk x BANK_CHUNK) similarities (ImageNet's 1.28M-image bank included). A bank of
+    one chunk takes the direct path."""
+    given = [train_f] if isinstance(train_f, Tensor) else list(train_f)
+    n = sum(len(p_) for p_ in given)
+    parts = [torch.cat(given)] if n <= BANK_CHUNK else [c for part in given for c in part.split(BANK_CHUNK)]
+    k = min(k, n)
     out = []
     for q in F.normalize(test_f, dim=1).split(chunk):
-        sim, idx = (q @ train_f.T).topk(k, dim=1)  # (m, k)
+        if len(parts) == 1:
+            sim, idx = (q @ F.normalize(parts[0], dim=1).T).topk(k, dim=1)  # (m, k)
+        else:
+            sim = torch.empty(len(q), 0, dtype=q.dtype)
+            idx = torch.empty(len(q), 0, dtype=torch.int64)
+            start = 0
+            for part in parts:
+                s_, i_ = (q @ F.normalize(part, dim=1).T).topk(min(k, len(part)), dim=1)
+                sim, pos = torch.cat([sim, s_], 1).topk(min(k, sim.shape[1] + s_.shape[1]), dim=1)
+                idx = torch.cat([idx, i_ + start], 1).gather(1, pos)
+                start += len(part)
         w = (sim / t).exp()
         out.append(torch.zeros(len(q), num_classes, dtype=w.dtype).scatter_add_(1, train_y[idx], w))
     return torch.cat(out)
@@ -50,7 +71,7 @@ def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int, t: flo
 def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     del seed, ctx  # deterministic, writes nothing
     f = split_features(encoder, data)
-    bank_f, bank_y = torch.cat([f["train"][0], f["val"][0]]), torch.cat([f["train"][1], f["val"][1]])
+    bank_f, bank_y = [f["train"][0], f["val"][0]], torch.cat([f["train"][1], f["val"][1]])  # features not copied
     k = min(cfg.k, len(bank_y))  # the vote cannot use more neighbours than the bank holds: say which k was used
     scores = knn_predict(bank_f, bank_y, f["test"][0], k, cfg.temperature, data.num_classes)
     sel = f"fixed k={k} T={cfg.temperature}" + (f" (k={cfg.k} asked; the bank holds {k})" if k < cfg.k else "")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import check
-from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.sets import Images, Splits
 from benchmark.evaluate.encoder import Encoder
 from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
 from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
@@ -86,7 +86,7 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def fit(encoder: Encoder, images: ImageSet, num_classes: int, cfg: Config, lr: float, seed: int,
+def fit(encoder: Encoder, images: Images, num_classes: int, cfg: Config, lr: float, seed: int,
         ctx: EvalContext = NO_CONTEXT) -> Classifier:
     """Train a head on a frozen copy of `encoder` with `images`; raises if the copy's weights or buffers moved.
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import check
-from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.sets import Images, Splits
 from benchmark.errors import ConfigError
 from benchmark.evaluate.encoder import Encoder
 from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
@@ -186,7 +186,7 @@ def linear_head(dim: int, num_classes: int, init: HeadInit, seed: int) -> nn.Lin
     return fc
 
 
-def finetune_rows(encoder: Encoder, train: ImageSet, data: Splits, cfg: Tuning, recipe: Recipe, seed: int, ctx: EvalContext,
+def finetune_rows(encoder: Encoder, train: Images, data: Splits, cfg: Tuning, recipe: Recipe, seed: int, ctx: EvalContext,
                   suffix: str = "", note: str = "", name: str = "semisup") -> list[Row]:
     """Fine-tune a copy of `encoder` + linear head on `train` per (lr, head mult) of `cfg`, pick by val top1, test the pick once.
 

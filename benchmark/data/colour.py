@@ -1,4 +1,5 @@
-"""Colour-space conversion shared by the methods that work in CIE Lab (colorization, CMC)."""
+"""Colour-space conversion: grey <-> RGB for encoders and data that differ, and CIE Lab for the methods that work in
+it (colorization, CMC)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     fx, fy, fz = f.unbind(1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
+
+
+def convert_channels(x: Tensor, channels: int) -> Tensor:
+    """uint8 images (C, H, W) or (N, C, H, W) with `channels` channels: grey repeated, RGB -> ITU-R 601 luma (rounded).
+    Raises ValueError for any other pair."""
+    c = x.shape[-3]
+    if c == channels:
+        return x
+    if c == 1:
+        return x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor(LUMA).view(3, 1, 1)
+        return (x.float() * w).sum(-3, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")

@@ -7,6 +7,7 @@ Nothing is ever downloaded. Each dataset is read from a local root: `--data-root
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmark.config import DataConfig
-from benchmark.data import readers, voc  # noqa: F401  (importing them registers the datasets they read)
-from benchmark.data.sets import DatasetSpec, RawDataset, Splits, balanced_subset, resize
+from benchmark.data import layouts, readers, voc  # noqa: F401  (importing them registers the datasets they read)
+from benchmark.data.sets import DatasetSpec, Images, ImageSet, RawDataset, Splits, balanced_subset, resize
+from benchmark.data.stream import EvalTransform, StreamSet
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.registry import DATASETS
 from benchmark.store.io import atomic_write_text
@@ -85,9 +87,9 @@ def _check_raw(name: str, raw: RawDataset, cfg: DataConfig) -> None:
     if cfg.train_size is not None and cfg.train_size < need:
         raise ConfigError(f"data.train_size={cfg.train_size} is too small for {name!r}: its {raw.num_classes} classes need "
                           f"one validation and one training image each; use data.train_size >= {need}")
-    if cfg.image_size is not None:
+    if cfg.image_size is not None and isinstance(raw.train, ImageSet):
         n = min(len(raw.train), cfg.train_size or len(raw.train)) + min(len(raw.test), cfg.test_size or len(raw.test))
-        size = n * raw.train.x.shape[1] * cfg.image_size**2
+        size = n * raw.train.channels * cfg.image_size**2
         if size > _physical_memory():
             raise ConfigError(f"data.image_size={cfg.image_size} would hold {n} images in {size / 2**30:,.0f} GiB of memory; "
                               f"this machine has {_physical_memory() / 2**30:,.0f} GiB: use a smaller data.image_size")
@@ -108,14 +110,74 @@ def make_splits(name: str, raw: RawDataset, cfg: DataConfig) -> Splits:
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False
     val, train = train.subset(val_idx), train.subset(keep.nonzero().squeeze(1))
-    if cfg.image_size is not None and cfg.image_size != train.x.shape[-1]:
-        train, val, test = (resize(s, cfg.image_size) for s in (train, val, test))
+    val_ids = ids[val_idx]
+    if isinstance(train, StreamSet) and isinstance(val, StreamSet) and isinstance(test, StreamSet):
+        return _file_splits(name, raw, cfg, train, val, test, val_ids)
+    if cfg.image_size is not None and cfg.image_size != train.image_size:
+        train, val, test = (resize(s, cfg.image_size) for s in (train, val, test))  # type: ignore[arg-type]
     xf = train.x.float().div_(255)
     mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
     std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     settings = json.dumps([raw.source_hash, cfg.train_size, cfg.test_size, cfg.val_fraction, cfg.split_seed, cfg.image_size])
     fp = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    return Splits(name, train, val, test, raw.num_classes, mean, std, fp, ids[val_idx])
+    return Splits(name, train, val, test, raw.num_classes, mean, std, fp, val_ids)
+
+
+STATS_SAMPLE = 2048  # a file-based dataset's per-channel statistics come from this many fixed, class-balanced images
+MEMORY_AUTO = 2 * 2**30  # data.storage=auto decodes a file-based dataset into memory up to this many bytes
+
+
+def choose_storage(cfg: DataConfig, n: int, channels: int, size: int) -> str:
+    """"memory" or "stream" for `n` images of `channels` x `size`²: data.storage, or by size when "auto"."""
+    need = n * channels * size * size
+    if cfg.storage == "stream":
+        return "stream"
+    if cfg.storage == "memory":
+        if need > _physical_memory() // 2:
+            raise ConfigError(f"data.storage=memory would hold {n} images of {size} px in {need / 2**30:,.1f} GiB, more than half "
+                              f"of this machine's {_physical_memory() / 2**30:,.0f} GiB: use data.storage=stream (or auto)")
+        return "memory"
+    return "memory" if need <= min(MEMORY_AUTO, _physical_memory() // 8) else "stream"
+
+
+def _channel_stats(images: StreamSet, progress: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of a fixed class-balanced sample of `images`, in float64."""
+    sample = images.subset(balanced_subset(images.y, STATS_SAMPLE, torch.Generator().manual_seed(0)))
+    s1 = torch.zeros(images.channels, dtype=torch.float64)
+    s2 = torch.zeros(images.channels, dtype=torch.float64)
+    count = 0
+    for xb in sample.batches(256):
+        xf = xb.to(torch.float64).div_(255)
+        s1 += xf.sum(dim=(0, 2, 3))
+        s2 += xf.square().sum(dim=(0, 2, 3))
+        count += xf.numel() // images.channels
+    mean = s1 / count
+    std = ((s2 / count - mean.square()).clamp_min(0) * count / max(1, count - 1)).sqrt().clamp_min(1e-3)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _file_splits(name: str, raw: RawDataset, cfg: DataConfig, train: StreamSet, val: StreamSet, test: StreamSet,
+                 val_ids: torch.Tensor) -> Splits:
+    """A file-based dataset's splits with its evaluation transform, in memory or streamed (`choose_storage`).
+    The per-channel statistics come from the same fixed sample either way, so both give the same numbers."""
+    kind = raw.default_transform if cfg.transform == "auto" else cfg.transform
+    try:
+        tf = EvalTransform.named(kind, cfg.image_size or raw.default_size)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    train, val, test = (s.with_transform(tf) for s in (train, val, test))
+    train, val, test = (dataclasses.replace(s, workers=cfg.workers) for s in (train, val, test))
+    size = train.image_size
+    storage = choose_storage(cfg, len(train) + len(val) + len(test), train.channels, size)
+    mean, std = _channel_stats(train, progress=True)
+    sets: tuple[Images, Images, Images] = (train, val, test)
+    if storage == "memory":
+        sets = tuple(ImageSet(s.materialise(progress=True, desc=f"decoding {name} {split}"), s.y)  # type: ignore[assignment]
+                     for s, split in zip((train, val, test), ("train", "val", "test")))
+    label = "memory" if storage == "memory" else f"stream ({cfg.workers} workers)"
+    settings = json.dumps([raw.source_hash, cfg.train_size, cfg.test_size, cfg.val_fraction, cfg.split_seed, tf.describe()])
+    fp = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return Splits(name, *sets, raw.num_classes, mean, std, fp, val_ids, storage=label, transform=tf.describe())
 
 
 def save_split_file(splits: Splits, path: Path) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from benchmark.data.files import cache_root
 from benchmark.errors import DatasetError
 
 FMNIST_CLASSES: tuple[str, ...] = (
@@ -268,11 +269,6 @@ class EmbeddedSpec:
     max_objects: int = 4  # 1..max_objects items per canvas (fewer where no free place is found)
     scale: tuple[float, float] = (1.0, 2.0)  # item side = 28 px x U(scale)
     seed: int = 0  # the draw (not the evaluation seed: every cell sees the same set)
-
-
-def cache_root() -> Path:
-    """Where generated data is written once: `$SSLBENCH_CACHE`, else ~/.cache/sslbench."""
-    return Path(os.environ.get("SSLBENCH_CACHE") or "~/.cache/sslbench").expanduser()
 
 
 def _draw_canvas(items: np.ndarray, classes: np.ndarray, rng: np.random.Generator, spec: EmbeddedSpec

@@ -1,5 +1,5 @@
 """Dataset readers, registered by name: Fashion-MNIST (IDX files), scikit-learn's digits, CIFAR-10/100 and STL-10
-(torchvision layouts, never downloaded) and an ImageFolder tree. Each returns a `RawDataset` or raises `DatasetError`."""
+(torchvision layouts, never downloaded); file-based datasets are in `layouts`. Each returns a `RawDataset` or raises `DatasetError`."""
 
 from __future__ import annotations
 
@@ -128,36 +128,3 @@ _TV: list[tuple[str, str, int, tuple[dict[str, Any], dict[str, Any]]]] = [
 ]
 for _name, _cls, _k, _kw in _TV:
     register_dataset(_name)(DatasetSpec(_load_torchvision(_cls, _k, _kw), None, _TV_HINT.format(f"SSLBENCH_DATA_{_name.upper()}")))
-
-
-def _load_imagefolder(root: Path) -> RawDataset:
-    """`root/train/<class>/*.jpg` and `root/val/<class>/*` (or `test/`), resized to 64 px.
-
-    Class indices come from the train folder's sorted class names, so a test folder that lacks a
-    class still maps every other class to the same index.
-    """
-    import torchvision.datasets as tvd
-    import torchvision.transforms.v2 as T
-
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise DatasetError(f"imagefolder root {root} must hold train/<class>/ and val/<class>/ (or test/<class>/)")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    extra = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
-    if extra:
-        raise DatasetError(f"{test_dir} has classes that train/ lacks: {', '.join(extra[:5])}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    tf = T.Compose([T.PILToTensor(), T.Resize(72, antialias=True), T.CenterCrop(64)])
-    sets = []
-    for d in (root / "train", test_dir):
-        samples = tvd.folder.make_dataset(str(d), class_to_idx, extensions=tvd.folder.IMG_EXTENSIONS, allow_empty=True)
-        if not samples:
-            raise DatasetError(f"no images found under {d}/<class>/")
-        imgs = [tf(tvd.folder.default_loader(path).convert("RGB")) for path, _ in samples]
-        sets.append(ImageSet(torch.stack(imgs), torch.tensor([t for _, t in samples], dtype=torch.int64)))
-    return RawDataset(sets[0], sets[1], len(classes), _content(*sets, extra="\n".join(classes)))
-
-
-register_dataset("imagefolder")(
-    DatasetSpec(_load_imagefolder, None, "Pass --data-root DIR with DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg.")
-)

@@ -4,12 +4,14 @@ them (class-balanced subsets, resizing, grey <-> RGB)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from benchmark.data.stream import StreamSet
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,43 @@ class ImageSet:
     def subset(self, idx: Tensor) -> ImageSet:
         return ImageSet(self.x[idx], self.y[idx])
 
+    # the interface shared with `StreamSet`: code that reads images through it works on either
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x.shape[-1])
+
+    def concat(self, other: ImageSet) -> ImageSet:
+        return ImageSet(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+
+    def take(self, idx: Tensor) -> Tensor:
+        return self.x[idx]
+
+    def loader(self, batches: Sequence[Tensor], pin: bool = False) -> Iterator[Tensor]:
+        del pin  # already in memory
+        for b in batches:
+            yield self.x[b]
+
+    def batches(self, batch_size: int, pin: bool = False) -> Iterator[Tensor]:
+        del pin
+        for i in range(0, len(self), batch_size):
+            yield self.x[i : i + batch_size]
+
+
+Images = ImageSet | StreamSet  # what a split holds: decoded in memory, or decoded on the fly from files
+
 
 @dataclass(frozen=True)
 class Splits:
     """What every protocol receives: train/val/test plus the statistics needed to normalise."""
 
     name: str
-    train: ImageSet  # train minus val: fit here
-    val: ImageSet  # select hyperparameters here
-    test: ImageSet  # touch once
+    train: Images  # train minus val: fit here
+    val: Images  # select hyperparameters here
+    test: Images  # touch once
     num_classes: int
     mean: tuple[float, ...]  # per channel, of train, in [0, 1] units
     std: tuple[float, ...]
@@ -42,29 +72,33 @@ class Splits:
     # plus the split settings
     fingerprint: str
     val_ids: Tensor  # indices into the source train set that form `val` (saved with the results)
+    storage: str = "memory"  # "memory", or "stream (N workers)": where the images are read from (recorded per row)
+    transform: str = ""  # the evaluation transform of a file-based dataset ("resize256-crop224"); "" for tensor data
 
     @property
     def channels(self) -> int:
-        return int(self.train.x.shape[1])
+        return self.train.channels
 
     @property
     def image_size(self) -> int:
-        return int(self.train.x.shape[-1])
+        return self.train.image_size
 
     @property
     def multilabel(self) -> bool:
         return self.train.y.ndim == 2
 
-    def trainval(self) -> ImageSet:
-        return ImageSet(torch.cat([self.train.x, self.val.x]), torch.cat([self.train.y, self.val.y]))
+    def trainval(self) -> Images:
+        return self.train.concat(self.val)  # type: ignore[arg-type]  # both splits are stored alike
 
 
 @dataclass(frozen=True)
 class RawDataset:
-    train: ImageSet
-    test: ImageSet
+    train: Images  # a `StreamSet` for file-based datasets: `make_splits` decodes it into memory or streams it
+    test: Images
     num_classes: int
     source_hash: str  # of the whole source: every file read, or every decoded pixel, label and class name
+    default_size: int | None = None  # a file-based dataset's evaluation size when data.image_size is unset
+    default_transform: str = "resize_crop"  # and its evaluation transform when data.transform is "auto"
 
 
 @dataclass(frozen=True)
@@ -99,23 +133,6 @@ def balanced_subset(y: Tensor, n: int, g: torch.Generator) -> Tensor:
     # round-robin over classes: the k-th sample of every class before any (k+1)-th
     pick = torch.argsort(rank * (len(classes) + 1) + ys, stable=True)[:n]
     return torch.sort(perm[order][pick]).values
-
-
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601
-
-
-def convert_channels(x: Tensor, channels: int) -> Tensor:
-    """uint8 images (C, H, W) or (N, C, H, W) with `channels` channels: grey repeated, RGB -> ITU-R 601 luma (rounded).
-    Raises ValueError for any other pair."""
-    c = x.shape[-3]
-    if c == channels:
-        return x
-    if c == 1:
-        return x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor(LUMA).view(3, 1, 1)
-        return (x.float() * w).sum(-3, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
-    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
 def resize(s: ImageSet, size: int, chunk: int = 1024) -> ImageSet:

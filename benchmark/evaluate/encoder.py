@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.sets import Images, Splits
 from benchmark.errors import NonFiniteError
-from benchmark.store.io import atomic_save
+from benchmark.store.features import SHARD_ROWS, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class FrozenEncoder:
     memo: dict[str, Tensor] = field(default_factory=dict)  # in-process feature cache
     batch_size: int = 512  # feature-extraction batch (eval mode: features do not depend on it)
     effective_batch_size: int | None = None  # set by extract_features (after any OOM back-off)
+    feature_dtype: str = "float32"  # what features are rounded to and stored as ("float16" halves the store)
+    shard_rows: int = SHARD_ROWS  # rows per feature-store shard (the unit a killed extraction resumes from)
 
     def __post_init__(self) -> None:
         self.module.eval().requires_grad_(False).to(self.device)
@@ -65,7 +67,8 @@ class FrozenEncoder:
     def cache_key(self) -> str:
         """Weights hash + layer + input transform: features cached under it are this encoder's."""
         t = hashlib.sha256(repr((self.layer, self.mean, self.std)).encode()).hexdigest()[:8]
-        return f"{self.key}-{self.layer}-{t}"
+        dtype = "" if self.feature_dtype == "float32" else f"-{self.feature_dtype}"
+        return f"{self.key}-{self.layer}-{t}{dtype}"
 
     def normalise(self, x: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> normalised float on the encoder's device."""
@@ -108,32 +111,15 @@ def split_features(encoder: Encoder, data: Splits) -> dict[str, tuple[Tensor, Te
     }
 
 
-def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None = None, name: str = "") -> Tensor:
-    """Features of all `images` as a (N, dim) float32 CPU tensor.
-
-    On an out-of-memory error the batch is halved and extraction restarts (features do not depend on
-    the batch in eval mode); the batch used is stored in `encoder.effective_batch_size`. With a
-    `cache_dir` and a `name` (dataset fingerprint + split), features are cached on disk under the
-    encoder's `cache_key` (weights, layer, transform): content-addressed, shared by every protocol.
-    """
-    cache_dir = getattr(encoder, "cache_dir", None)
-    memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
-    if memo is not None and name in memo:
-        return memo[name]
-    path = None
-    if cache_dir is not None and name:
-        path = Path(cache_dir) / f"{getattr(encoder, 'cache_key', 'enc')}-{name}.pt"
-        if path.is_file():
-            try:
-                cached = torch.load(path, weights_only=True)
-                if isinstance(cached, Tensor) and cached.shape == (len(images), encoder.dim):
-                    return _finite(cached, name)
-            except Exception as e:  # a damaged cache is recomputed, never trusted
-                log.warning("ignoring unreadable feature cache %s: %s", path, e)
-    bs = batch_size or int(getattr(encoder, "batch_size", 512))
+def _extract(encoder: Encoder, images: Images, rows: range, bs: int) -> Tensor:
+    """Features of images[rows] (float32, CPU), halving the batch on out-of-memory (eval mode: the batch does not
+    change them); the batch used is stored in `encoder.effective_batch_size`."""
     while True:
         try:
-            out = torch.cat([encoder.features(images.x[i : i + bs]).cpu() for i in range(0, len(images), bs)])
+            batches = [torch.arange(i, min(i + bs, rows.stop)) for i in range(rows.start, rows.stop, bs)]
+            pin = getattr(encoder, "device", torch.device("cpu")).type == "cuda"
+            parts = [encoder.features(xb).cpu() for xb in images.loader(batches, pin=pin)]
+            out = torch.cat(parts) if parts else torch.zeros(0, encoder.dim)
             break
         except RuntimeError as e:
             if not _is_oom(e) or bs == 1:
@@ -145,14 +131,66 @@ def extract_features(encoder: Encoder, images: ImageSet, batch_size: int | None 
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    _finite(out, name)
     if hasattr(encoder, "effective_batch_size"):
         encoder.effective_batch_size = bs
-    if path is not None:
-        try:
-            atomic_save(path, lambda p: torch.save(out, p))
-        except (OSError, RuntimeError) as e:  # an optimisation: a full disk costs a recomputation, not the cell (torch.save: RuntimeError)
-            log.warning("feature cache %s not written (%s); going on without it", path, e)
+    return out
+
+
+def extract_features(encoder: Encoder, images: Images, batch_size: int | None = None, name: str = "") -> Tensor:
+    """Features of all `images` as a (N, dim) float32 CPU tensor (rounded through `encoder.feature_dtype`).
+
+    With a `cache_dir` and a `name` (dataset fingerprint + split), features go to a `FeatureStore` under the
+    encoder's `cache_key` (weights, layer, transform, dtype): content-addressed, shared by every protocol, extracted
+    shard by shard (a killed extraction resumes at its first missing shard). A store that cannot be written (a full
+    disk) costs a recomputation next time, not the cell.
+    """
+    cache_dir = getattr(encoder, "cache_dir", None)
+    memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
+    if memo is not None and name in memo:
+        return memo[name]
+    bs = batch_size or int(getattr(encoder, "batch_size", 512))
+    dtype = str(getattr(encoder, "feature_dtype", "float32"))
+    store = None
+    if cache_dir is not None and name:
+        store = FeatureStore(Path(cache_dir) / f"{getattr(encoder, 'cache_key', 'enc')}-{name}", len(images), encoder.dim, dtype,
+                             int(getattr(encoder, "shard_rows", SHARD_ROWS)))
+    out = _stored(store, encoder, images, bs, name) if store is not None else None
+    if out is None:
+        out = _extract(encoder, images, range(len(images)), bs)
+        if dtype != "float32":
+            out = out.to(getattr(torch, dtype)).float()  # the numbers do not depend on whether a store is used
+    _finite(out, name)
     if memo is not None and name:
         memo[name] = out
     return out
+
+
+def _stored(store: FeatureStore, encoder: Encoder, images: Images, bs: int, name: str) -> Tensor | None:
+    """The store's features, extracting its missing shards first. A shard that cannot be written (a full disk) is
+    kept in memory and the store is left incomplete; None where the store cannot be read at all (recompute)."""
+    try:
+        if store.complete():
+            return store.load()
+        todo = store.todo()
+    except (OSError, ValueError) as e:
+        log.warning("feature store %s unreadable (%s); going on without it", store.path, e)
+        return None
+    if todo and len(todo) < store.n_shards:
+        log.info("feature store %s: resuming, %d of %d shards to extract", store.path.name, len(todo), store.n_shards)
+    kept: dict[int, Tensor] = {}
+    for k in todo:
+        f = _finite(_extract(encoder, images, store.rows(k), bs), name)
+        if not kept:
+            try:
+                store.write(k, f)
+                continue
+            except (OSError, RuntimeError) as e:  # an optimisation: a full disk costs a recomputation next time, not the cell
+                log.warning("feature store %s not written (%s); going on without it", store.path, e)
+        kept[k] = f.to(getattr(torch, store.dtype)).float()  # what the shard would have held
+    try:
+        if not kept:
+            store.finish()
+        return store.load(kept)
+    except (OSError, ValueError) as e:
+        log.warning("feature store %s unreadable (%s); going on without it", store.path, e)
+        return None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmark.data.augment import ViewSpec, augment
-from benchmark.data.sets import ImageSet
+from benchmark.data.sets import Images
 from benchmark.train.optim import param_groups
 
 
@@ -73,7 +73,7 @@ def _normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x.float().div(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...],
+def train_classifier(model: Classifier, train: Images, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...],
                      device: torch.device, seed: int, progress: bool = False, desc: str = "train") -> list[float]:
     """Train `model` in place on `train` (uint8 images, int labels); returns the mean loss per epoch.
 
@@ -81,7 +81,7 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: t
     """
     model.to(device)
     m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    size = int(train.x.shape[-1])
+    size = train.image_size
     spec = ViewSpec(size, scale=(recipe.crop_scale, 1.0), jitter_p=0.0, gray_p=0.0)
     n = len(train)
     bs = min(recipe.batch_size, n)  # a subset smaller than the batch trains in one batch per epoch
@@ -104,9 +104,9 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: t
         model.train()
         order = torch.randperm(n, generator=g)
         run = torch.zeros((), device=device)
-        for i in range(per_epoch):
-            idx = order[i * bs : (i + 1) * bs]
-            x = train.x[idx].to(device, non_blocking=True)
+        steps = [order[i * bs : (i + 1) * bs] for i in range(per_epoch)]
+        for idx, xb in zip(steps, train.loader(steps, pin=device.type == "cuda")):  # streamed sets decode ahead, in order
+            x = xb.to(device, non_blocking=True)
             y = train.y[idx].to(device, non_blocking=True)
             gd = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
             v = augment(x, spec, m, s, gd) if recipe.crop_scale < 1.0 else _normalise(x, m, s)
@@ -128,14 +128,14 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, mean: t
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: ImageSet, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+def predict(model: nn.Module, images: Images, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
             batch_size: int = 512) -> Tensor:
     """Logits (N, K) on CPU for the plain (unaugmented) images, in eval mode."""
     model.eval().to(device)
     m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     amp = device.type == "cuda"
     out = []
-    for i in range(0, len(images), batch_size):
+    for xb in images.batches(batch_size, pin=device.type == "cuda"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out.append(model(_normalise(images.x[i : i + batch_size].to(device), m, s)).float().cpu())
+            out.append(model(_normalise(xb.to(device), m, s)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from benchmark.config import DataConfig
+from benchmark.data.colour import convert_channels
 from benchmark.data.datasets import load_splits
-from benchmark.data.sets import ImageSet, Splits, convert_channels, resize
+from benchmark.data.sets import Images, ImageSet, Splits, resize
+from benchmark.data.stream import EvalTransform, StreamSet
 from benchmark.store.io import atomic_write_text
 
 
@@ -60,8 +62,10 @@ def spread(values: list[float] | Tensor) -> Spread:
     return Spread(float(v.mean()), std, float(v.min()), float(v.max()), 1.96 * std / math.sqrt(n), n)
 
 
-def to_channels(images: ImageSet, channels: int) -> ImageSet:
-    """Grey -> RGB by repeating the channel, RGB -> grey by the ITU-R 601 luma weights."""
+def to_channels(images: Images, channels: int) -> Images:
+    """Grey -> RGB by repeating the channel, RGB -> grey by the ITU-R 601 luma weights (a streamed set: decoded so)."""
+    if isinstance(images, StreamSet):
+        return images.with_channels(channels)
     return ImageSet(convert_channels(images.x, channels), images.y)
 
 
@@ -78,8 +82,13 @@ def transfer_splits(name: str, target: Splits, data: DataConfig | None = None) -
     return replace(s, train=tr, val=va, test=te, fingerprint=f"{s.fingerprint}-c{target.channels}")
 
 
-def resized(images: ImageSet, size: int) -> ImageSet:
-    return images if images.x.shape[-1] == size else resize(images, size)
+def resized(images: Images, size: int) -> Images:
+    if images.image_size == size:
+        return images
+    if isinstance(images, StreamSet):
+        return images.with_transform(EvalTransform.named("resize", size) if images.transform.kind != "resize_crop"
+                                     else EvalTransform.named("resize_crop", size))
+    return resize(images, size)
 
 
 def class_balanced_fraction(y: Tensor, fraction: float, seed: int) -> Tensor:

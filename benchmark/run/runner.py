@@ -404,7 +404,8 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
         adapted = adapt_channels(splits, mod)  # the file's normalisation, else the dataset's
         mean, std = (tuple(report.mean), tuple(report.std or ())) if report.mean is not None else (adapted.mean, adapted.std)
         return FrozenEncoder(mod, report.dim, mean, std, key=report.sha256[:16], device=device, cache_dir=cache,
-                             batch_size=eval_cfg.batch_size)
+                             batch_size=eval_cfg.batch_size, feature_dtype=eval_cfg.dtype_for(bool(splits.transform)),
+                             shard_rows=eval_cfg.shard_rows)
 
     path = Path(task.run_dir) / "encoder.safetensors"
     digest = verify(path)
@@ -415,7 +416,8 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
         module = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed).encoder()  # type: ignore[operator]
     module.load_state_dict(load_file(str(path)), strict=True)
     return FrozenEncoder(module, int(getattr(module, "dim")), splits.mean, splits.std, key=digest[:16], device=device,
-                         cache_dir=cache, batch_size=eval_cfg.batch_size)
+                         cache_dir=cache, batch_size=eval_cfg.batch_size, feature_dtype=eval_cfg.dtype_for(bool(splits.transform)),
+                         shard_rows=eval_cfg.shard_rows)
 
 
 def _state_fingerprint(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -456,8 +458,10 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     else:
         splits = load_splits(pt.dataset, pt.data)
         prov["dataset_fingerprint"] = splits.fingerprint
+        prov["data_storage"], prov["data_transform"] = splits.storage, splits.transform or None
         prov["n_train"] = len(splits.train) + len(splits.val)
         encoder = load_encoder(pt, splits, device, task.eval_cfg)
+        prov["feature_dtype"] = encoder.feature_dtype
         if pt.checkpoint is not None:
             splits = adapt_channels(splits, encoder.module)
         before = _state_fingerprint(encoder.module)

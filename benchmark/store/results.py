@@ -49,7 +49,7 @@ class Row:
 COLUMNS = [
     "run_id", "method", "checkpoint", "protocol", "protocol_version", "dataset", "split", "metric", "value",
     "ci95", "std", "min", "max", "selection", "seed", "n_train", "status", "flags", "suite", "backbone", "config_hash",
-    "setting", "variant", "protocol_variant", "pretrain_hash", "pretrain_setting", "dataset_fingerprint", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
+    "setting", "variant", "protocol_variant", "pretrain_hash", "pretrain_setting", "dataset_fingerprint", "data_storage", "data_transform", "feature_dtype", "checkpoint_sha256", "git_sha", "git_dirty", "pretrain_git_sha",
     "pretrain_git_dirty", "torch", "python",
     "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s", "job_id", "log",
 ]

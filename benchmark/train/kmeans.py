@@ -88,6 +88,6 @@ def training_features(backbone: nn.Module, splits: Splits, device: torch.device)
     backbone.eval()
     mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
-    feats = [backbone((xb.to(device).float() / 255 - mean) / std).float() for xb in torch.split(splits.train.x, EXTRACT_BATCH)]
+    feats = [backbone((xb.to(device).float() / 255 - mean) / std).float() for xb in splits.train.batches(EXTRACT_BATCH)]
     backbone.train(was_training)
     return torch.cat(feats)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
 from benchmark.data.augment import ViewSpec, make_views
-from benchmark.data.sets import Splits
+from benchmark.data.sets import ImageSet, Splits
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.store.checkpoints import CheckpointDir
 from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
@@ -95,7 +95,7 @@ def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: 
     mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
     with torch.no_grad():
-        x = (splits.val.x[:n].to(device).float() / 255 - mean) / std
+        x = (splits.val.take(torch.arange(min(n, len(splits.val)))).to(device).float() / 255 - mean) / std
         z = encoder(x).float()
     encoder.train(was_training)
     return {"std_l2": std_of_l2_normalized(z), "rankme": rankme(z)}
@@ -140,7 +140,7 @@ class _Run:
     specs: list[ViewSpec]
     opt: torch.optim.Optimizer
     ckpts: CheckpointDir
-    data_x: Tensor
+    data_x: Tensor | None  # the in-memory training images (on the device when they fit); None: streamed
     bar: Any
     steps_per_epoch: int
     total: int
@@ -243,7 +243,7 @@ def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, c
     specs = method.views(splits.image_size)
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     run = _Run(model, method, hooks, cfg, splits, seed, device, specs, build_optimizer(model, cfg), CheckpointDir(ckpt_dir, cfg.keep_checkpoints),
-               data_x=splits.train.x, bar=None, steps_per_epoch=steps_per_epoch, total=steps_per_epoch * cfg.epochs,
+               data_x=None, bar=None, steps_per_epoch=steps_per_epoch, total=steps_per_epoch * cfg.epochs,
                warmup=round(cfg.warmup_epochs * steps_per_epoch), world=world, me=me,
                sync_every=cfg.sync_every or (50 if device.type == "cuda" else 1), amp=device.type == "cuda" and cfg.amp,
                params=[p for p in model.parameters() if p.requires_grad], desc=desc)
@@ -256,7 +256,7 @@ def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, c
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         log.info("resumed from epoch %d of %s", run.start_epoch, ckpt_dir)
-    run.data_x = device_resident(splits.train.x, device)
+    run.data_x = device_resident(splits.train.x, device) if isinstance(splits.train, ImageSet) else None
     run.last_finite = run.history[-1]["loss"] if run.history else None
     run.bar = tqdm(total=run.total, initial=run.step, desc=desc, disable=not progress or me != 0, dynamic_ncols=True, leave=False,
                    mininterval=0.5)
@@ -264,11 +264,16 @@ def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, c
     return run
 
 
-def _batch(run: _Run, perm: Tensor, i: int) -> tuple[list[Tensor], Tensor | None, Tensor]:
-    """Step `i` of the epoch whose order is `perm`: this process's views, labels (if the method uses them), indices."""
+def _batch(run: _Run, perm: Tensor, i: int, streamed: Tensor | None = None) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    """Step `i` of the epoch whose order is `perm`: this process's views, labels (if the method uses them), indices.
+    `streamed`: the step's images decoded by the streamed set's workers (None: indexed from memory)."""
     cfg, device = run.cfg, run.device
     idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-    if run.data_x.device.type == device.type:  # on the device already (or both on the CPU)
+    if streamed is not None:
+        x = streamed.to(device, non_blocking=True)
+    elif run.data_x is None:
+        raise TypeError("a streamed training set needs its decoded batch")
+    elif run.data_x.device.type == device.type:  # on the device already (or both on the CPU)
         x = run.data_x[idx.to(run.data_x.device)]
     else:  # did not fit the GPU: pinned host memory, asynchronous copy
         x = run.data_x[idx].pin_memory().to(device, non_blocking=True)
@@ -290,8 +295,11 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
     perm = torch.randperm(len(run.splits.train), generator=torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch)))
     running = 0.0
     pending: list[Tensor] = []  # per-step losses not yet read on the host
+    data, bs = run.splits.train, cfg.batch_size
+    stream = None if isinstance(data, ImageSet) else iter(  # decoded ahead, in order, by the set's workers
+        data.loader([perm[i * bs : (i + 1) * bs] for i in range(run.steps_per_epoch)], pin=run.device.type == "cuda"))
     for i in range(run.steps_per_epoch):
-        views, labels, idx = _batch(run, perm, i)
+        views, labels, idx = _batch(run, perm, i, next(stream) if stream is not None else None)
         progress = run.step / max(1, run.total)
         wd = run.hooks.weight_decay_at(progress, cfg.weight_decay) if run.hooks.weight_decay_at is not None else None
         set_hyperparameters(run.opt, lr_at(run.step, run.total, run.warmup, base_lr(cfg), cfg.min_lr), base_lr(cfg), wd)

@@ -36,10 +36,10 @@ def test_imagefolder_reads_a_class_tree(tmp_path: Path, digits: Splits) -> None:
             d.mkdir(parents=True, exist_ok=True)
             save_image(images.x[i].float() / 255, d / f"{i}.png")
     raw = load_raw("imagefolder", str(tmp_path))
-    assert raw.train.x.shape[1:] == (3, 64, 64) and raw.train.x.dtype == torch.uint8
     assert len(raw.train) == 40 and len(raw.test) == 40
     splits = make_splits("imagefolder", raw, DataConfig(val_fraction=0.25))
-    assert len(splits.val) == 10
+    assert len(splits.val) == 10 and splits.storage == "memory"  # small: decoded once, at 64 px by default
+    assert splits.train.x.shape[1:] == (3, 64, 64) and splits.train.x.dtype == torch.uint8
     # class indices follow train's class names even when the test folder lacks a class
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
     for path in (tmp_path / "val" / names[0]).iterdir():

@@ -54,6 +54,19 @@ def test_knn_predict_hand_case() -> None:
     assert topk_accuracy(scores, torch.tensor([1]), 1) == 1.0
 
 
+def test_a_bank_compared_in_chunks_votes_as_the_whole_bank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: a bank larger than BANK_CHUNK (ImageNet's 1.28M) is compared a chunk at a time with a running top-k."""
+    import protocols.knn as knn_module
+
+    g = torch.Generator().manual_seed(0)
+    bank, y, test = torch.randn(1000, 16, generator=g), torch.randint(0, 7, (1000,), generator=g), torch.randn(300, 16, generator=g)
+    whole = knn_predict(bank, y, test, k=20, t=0.07, num_classes=7)
+    monkeypatch.setattr(knn_module, "BANK_CHUNK", 64)
+    parts = knn_predict([bank[:700], bank[700:]], y, test, k=20, t=0.07, num_classes=7, chunk=128)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    assert torch.equal(parts.argmax(1), whole.argmax(1))
+
+
 def test_separable_blobs_give_top1_of_one() -> None:
     rows = knn(frozen(Flatten(16), 16), blobs(), Config(), seed=0)
     assert {r.metric: r.value for r in rows} == {"top1": 1.0}

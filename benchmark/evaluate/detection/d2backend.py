@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmark.data.colour import convert_channels
 from benchmark.data.detection import Detections, DetectionSet
-from benchmark.data.sets import convert_channels
 from benchmark.errors import ConfigError
 from benchmark.store.io import atomic_write_bytes
 

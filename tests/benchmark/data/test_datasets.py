@@ -91,7 +91,7 @@ def test_torchvision_datasets_never_download(tmp_path: Path) -> None:
 
 
 def test_convert_channels_single_and_batched() -> None:
-    from benchmark.data.sets import convert_channels
+    from benchmark.data.colour import convert_channels
 
     rgb = torch.tensor([[[[255]], [[0]], [[0]]], [[[10]], [[20]], [[30]]]], dtype=torch.uint8)  # (2, 3, 1, 1)
     grey = convert_channels(rgb, 1)

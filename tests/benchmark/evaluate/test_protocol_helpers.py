@@ -130,9 +130,14 @@ def test_feature_cache_is_keyed_by_weights_layer_and_transform(tmp_path: Path) -
     a = FrozenEncoder(Pixels(1, 4), 16, (0.0,), (1.0,), key="w1", cache_dir=tmp_path)
     b = FrozenEncoder(Pixels(1, 4), 16, (0.5,), (0.25,), key="w1", cache_dir=tmp_path)  # same weights, other transform
     fa, fb = extract_features(a, images, name="d-train"), extract_features(b, images, name="d-train")
-    assert not torch.equal(fa, fb) and len(list(tmp_path.glob("*.pt"))) == 2
-    c = FrozenEncoder(Pixels(1, 4), 16, (0.0,), (1.0,), key="w1", cache_dir=tmp_path)  # a new process: read from disk
-    assert torch.equal(extract_features(c, images, name="d-train"), fa) and len(list(tmp_path.glob("*.pt"))) == 2
+    assert not torch.equal(fa, fb) and len(list(tmp_path.glob("*/manifest.json"))) == 2
+
+    class NeverCalled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("features of a complete store are read, not recomputed")
+
+    c = FrozenEncoder(NeverCalled(), 16, (0.0,), (1.0,), key="w1", cache_dir=tmp_path)  # a new process: read from disk
+    assert torch.equal(extract_features(c, images, name="d-train"), fa) and len(list(tmp_path.glob("*/manifest.json"))) == 2
 
 
 def test_pixels_baseline_features_are_the_normalised_image() -> None:

@@ -237,8 +237,8 @@ def test_a_full_disk_costs_only_what_cannot_be_written(tmp_path: Path, monkeypat
     """Issue 18.10: on a full disk the run died writing a failure record; the finished encoders were never evaluated
     and no table was left. Now a failure record that cannot be written is skipped (the rerun retries the cell), a
     feature cache that cannot be written is recomputed, and tables that cannot be written are one line."""
-    from benchmark.evaluate import encoder as encoder_module
     from benchmark.run import runner
+    from benchmark.store import features as store_module
 
     def boom(*args: object) -> list[object]:
         raise ValueError("bad protocol argument")
@@ -251,10 +251,10 @@ def test_a_full_disk_costs_only_what_cannot_be_written(tmp_path: Path, monkeypat
 
     monkeypatch.setitem(PROTOCOLS._entries, "linear", dataclasses.replace(PROTOCOLS.entry("linear"), obj=boom))
     monkeypatch.setattr(runner, "failed_record", disk_full)
-    monkeypatch.setattr(encoder_module, "atomic_save", torch_save_full)
+    monkeypatch.setattr(store_module, "atomic_save", torch_save_full)
     summary = run(plan(_request(tmp_path)), LocalExecutor(), tmp_path, echo=lambda *a: None)
     assert summary.done == 2 and len(summary.failed) == 2  # both kNN cells evaluated after the first failure
-    assert not list((tmp_path / "runs").rglob("features/*.pt")) and not list(tmp_path.rglob("*.tmp"))
+    assert not list((tmp_path / "runs").rglob("features/*/*.npy")) and not list(tmp_path.rglob("*.tmp"))
     assert "digits/knn@1/top1" in pd.read_csv(tmp_path / "leaderboard.csv").columns
     monkeypatch.setattr(runner, "rebuild", disk_full)
     with pytest.raises(runner.TablesNotWritten, match=r"could not be written \(No space left on device\); free space and "

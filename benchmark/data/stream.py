@@ -1,0 +1,238 @@
+"""Streamed image sets: images decoded from files (or members of tar shards) in DataLoader worker processes, behind the
+interface of the in-memory `ImageSet` (`len`, `y`, `subset`, `take`, `batches`, `channels`, `image_size`), so a protocol
+does not know whether its images are in memory or on disk.
+
+An image is addressed by (path, offset, size): offset -1 is a whole file, else `size` bytes at `offset` inside a tar
+shard. Decoding is torchvision.io's (libjpeg-turbo, libpng, libwebp) and the evaluation transform is applied to the
+decoded uint8 tensor, in the worker; the same two functions build the in-memory copy of a file-based dataset
+(`materialise`), so the two paths give bit-identical images.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from benchmark.data.colour import convert_channels
+from benchmark.errors import DatasetError
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which the pinned GPU machine (torchvision
+# 0.26) lacks; they are the same libjpeg-turbo / libpng / libwebp. Move to torchcodec once every target machine has it.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+
+IMAGENET_CROP_RATIO = 0.875  # resize 256 -> centre crop 224 (torchvision references, VISSL, DINO, MoCo, MAE)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """A named evaluation transform of a decoded uint8 (C, H, W) image.
+
+    kind: "resize_crop" (shorter side to `resize`, centre crop `size`: ImageNet's 256 -> 224), "resize" (both sides to
+    `size`, aspect not kept: VISSL's VOC07 / Places low-shot setting), "native" (unchanged: every image must share a size).
+    """
+
+    kind: Literal["resize_crop", "resize", "native"]
+    size: int | None = None
+    resize: int | None = None
+
+    @staticmethod
+    def named(kind: str, size: int | None) -> EvalTransform:
+        if kind == "native":
+            return EvalTransform("native")
+        if size is None:
+            raise DatasetError(f"data.transform={kind} needs data.image_size")
+        if kind == "resize_crop":
+            return EvalTransform("resize_crop", size, round(size / IMAGENET_CROP_RATIO))
+        if kind == "resize":
+            return EvalTransform("resize", size)
+        raise DatasetError(f"unknown data.transform {kind!r}: use resize_crop, resize or native")
+
+    def describe(self) -> str:
+        """What the row and the feature key record: 'resize256-crop224', 'resize224', 'native'."""
+        if self.kind == "resize_crop":
+            return f"resize{self.resize}-crop{self.size}"
+        return f"resize{self.size}" if self.kind == "resize" else "native"
+
+    def __call__(self, img: Tensor) -> Tensor:
+        import torchvision.transforms.v2.functional as TF
+
+        if self.kind == "resize_crop":
+            assert self.resize is not None and self.size is not None
+            out: Tensor = TF.center_crop(TF.resize(img, [self.resize], antialias=True), [self.size, self.size])
+            return out
+        if self.kind == "resize":
+            assert self.size is not None
+            out = TF.resize(img, [self.size, self.size], antialias=True)
+            return out
+        return img
+
+
+def _clean(e: BaseException) -> str:
+    """torchvision's C++ error without its source location ('decode_jpeg, /path/x.cpp:171, Image is ...')."""
+    return re.sub(r"^\w+, \S+:\d+, ", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
+
+
+def where(path: str, offset: int) -> str:
+    return path if offset < 0 else f"{path} (member at byte offset {offset})"
+
+
+def read_bytes(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        if offset < 0:
+            return f.read()
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise DatasetError(f"{where(path, offset)}: truncated shard ({len(data)} of {size} bytes); rewrite the shard")
+    return data
+
+
+def decode(path: str, offset: int, size: int, channels: int) -> Tensor:
+    """uint8 (channels, H, W), or DatasetError naming the file (and the offset in its shard)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        data = read_bytes(path, offset, size)
+    except OSError as e:
+        raise DatasetError(f"{where(path, offset)}: cannot be read ({e.strerror or e}); check the file") from None
+    if not data:
+        raise DatasetError(f"{where(path, offset)}: empty file; remove or replace it")
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    try:
+        img: Tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        return img
+    except RuntimeError as e:
+        raise DatasetError(f"{where(path, offset)}: not a decodable image ({_clean(e)}); remove or replace it") from None
+
+
+class _Decoded(torch.utils.data.Dataset[Tensor | str]):
+    """Index -> transformed uint8 image, or the one-line error as a string (a worker's exception would reach the
+    main process wrapped in its traceback; the string is raised there as one line)."""
+
+    def __init__(self, s: StreamSet) -> None:
+        self.s = s
+
+    def __len__(self) -> int:
+        return len(self.s)
+
+    def __getitem__(self, i: int) -> Tensor | str:
+        s = self.s
+        try:
+            img = s.transform(decode(s.paths[i], int(s.offsets[i]), int(s.sizes[i]), s.source_channels))
+            return convert_channels(img, s.channels)  # as the in-memory path converts its decoded images
+        except DatasetError as e:
+            return str(e)
+
+
+def _collate(items: list[Tensor | str]) -> Tensor | str:
+    for it in items:
+        if isinstance(it, str):
+            return it
+    shapes = {tuple(t.shape) for t in items if isinstance(t, Tensor)}
+    if len(shapes) > 1:
+        return (f"images of different sizes in one batch ({', '.join(map(str, sorted(shapes)[:3]))}) with "
+                "data.transform=native; use data.transform=resize_crop (or resize) with data.image_size")
+    return torch.stack([t for t in items if isinstance(t, Tensor)])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one decode per core: the workers, not intra-op threads, are the parallelism
+
+
+@dataclass(frozen=True)
+class StreamSet:
+    """Images on disk and their labels: the streamed counterpart of `ImageSet`.
+
+    paths, offsets, sizes: where each image's bytes are (offset -1: the whole file). y: (N,) int64.
+    transform: applied after decoding. source_channels: decoded as RGB (3) or grey (1); channels: what is handed out
+    (converted by `convert_channels` after the transform, as the in-memory path converts). workers: DataLoader processes.
+    """
+
+    paths: tuple[str, ...]
+    offsets: Tensor  # (N,) int64
+    sizes: Tensor  # (N,) int64
+    y: Tensor
+    transform: EvalTransform
+    channels: int = 3
+    workers: int = 2
+    source_channels: int = 3
+    native_size: int | None = None  # the side of the images when every one has the same (square) size
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def image_size(self) -> int:
+        size = self.transform.size if self.transform.kind != "native" else self.native_size
+        if size is None:
+            raise DatasetError("the images differ in size: set data.transform=resize_crop (or resize) and data.image_size")
+        return int(size)
+
+    @property
+    def x(self) -> Tensor:
+        raise TypeError("a streamed set has no tensor of images: use take(idx) or batches(n) (or data.storage=memory)")
+
+    def subset(self, idx: Tensor) -> StreamSet:
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        paths = tuple(self.paths[i] for i in idx.tolist())
+        return replace(self, paths=paths, offsets=self.offsets[idx], sizes=self.sizes[idx], y=self.y[idx])
+
+    def concat(self, other: StreamSet) -> StreamSet:
+        return replace(self, paths=self.paths + other.paths, offsets=torch.cat([self.offsets, other.offsets]),
+                       sizes=torch.cat([self.sizes, other.sizes]), y=torch.cat([self.y, other.y]))
+
+    def with_channels(self, channels: int) -> StreamSet:
+        return replace(self, channels=channels)
+
+    def with_transform(self, transform: EvalTransform) -> StreamSet:
+        return replace(self, transform=transform)
+
+    def loader(self, batches: Sequence[Tensor], pin: bool = False) -> Iterator[Tensor]:
+        """uint8 (B, C, H, W) for each index batch in `batches`, decoded ahead in `workers` processes, in order."""
+        if not batches:
+            return
+        dl = torch.utils.data.DataLoader(
+            _Decoded(self), batch_sampler=[b.tolist() for b in batches], num_workers=self.workers, collate_fn=_collate,
+            pin_memory=pin, worker_init_fn=_worker_init if self.workers else None,
+            prefetch_factor=4 if self.workers else None)
+        for out in dl:
+            if isinstance(out, str):
+                raise DatasetError(out)
+            yield out
+
+    def batches(self, batch_size: int, pin: bool = False) -> Iterator[Tensor]:
+        n = len(self)
+        yield from self.loader([torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)], pin)
+
+    def take(self, idx: Tensor) -> Tensor:
+        """uint8 images `idx`, decoded here (no worker start-up: for small, scattered reads)."""
+        items = [_Decoded(self)[int(i)] for i in idx.tolist()]
+        out = _collate(items)
+        if isinstance(out, str):
+            raise DatasetError(out)
+        return out
+
+    def materialise(self, progress: bool = False, desc: str = "decode", batch_size: int = 256) -> Tensor:
+        """Every image decoded and transformed, as one uint8 (N, C, H, W) tensor (the in-memory path)."""
+        from tqdm import tqdm
+
+        n = len(self)
+        out: Tensor | None = None
+        with tqdm(total=n, desc=desc, disable=None if progress else True, leave=False, unit="img") as bar:
+            i = 0
+            for xb in self.batches(batch_size):
+                if out is None:
+                    out = torch.empty((n, *xb.shape[1:]), dtype=torch.uint8)
+                elif xb.shape[1:] != out.shape[1:]:
+                    raise DatasetError(str(_collate([out[0], xb[0]])))
+                out[i : i + len(xb)] = xb
+                i += len(xb)
+                bar.update(len(xb))
+        return out if out is not None else torch.empty(0, self.channels, 0, 0, dtype=torch.uint8)

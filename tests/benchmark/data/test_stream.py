@@ -1,0 +1,170 @@
+"""Streamed datasets (issue 19): file trees and WebDataset shards read in DataLoader workers give the same images, hence
+the same features, as the in-memory path; every file counts in the fingerprint; bad files are one line naming them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.backbones import ConvNet
+from benchmark.config import DataConfig
+from benchmark.data import datasets
+from benchmark.data.datasets import load_raw, load_splits
+from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.stream import EvalTransform, StreamSet
+from benchmark.errors import ConfigError, DatasetError
+from benchmark.evaluate.encoder import FrozenEncoder, split_features
+from tests.benchmark.data import trees
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    datasets._CACHE.clear()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trees.imagefolder(tmp_path_factory.mktemp("if"), n_train=24, n_val=8, size=48)
+
+
+def _features(s: Splits) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    enc = FrozenEncoder(ConvNet(s.channels, (8, 16, 32)), 32, s.mean, s.std, key="k", batch_size=50)
+    return {k: v[0] for k, v in split_features(enc, s).items()}
+
+
+def test_streamed_features_equal_the_in_memory_ones_bit_for_bit(tree: Path) -> None:
+    mem = load_splits("imagefolder", DataConfig(root=str(tree), storage="memory"))
+    stream = load_splits("imagefolder", DataConfig(root=str(tree), storage="stream", workers=2))
+    assert isinstance(mem.train, ImageSet) and isinstance(stream.train, StreamSet)
+    assert (mem.storage, stream.storage, mem.transform) == ("memory", "stream (2 workers)", "resize73-crop64")
+    assert mem.fingerprint == stream.fingerprint and mem.mean == stream.mean and mem.std == stream.std
+    assert torch.equal(mem.val_ids, stream.val_ids) and torch.equal(mem.test.y, stream.test.y)
+    fm, fs = _features(mem), _features(stream)
+    assert all(torch.equal(fm[k], fs[k]) for k in ("train", "val", "test"))
+    assert fm["train"].std() > 0
+    # the default (auto) keeps a small tree in memory; a transform is part of the fingerprint
+    assert load_splits("imagefolder", DataConfig(root=str(tree))).storage == "memory"
+    native = load_splits("imagefolder", DataConfig(root=str(tree), transform="native"))
+    assert native.image_size == 48 and native.transform == "native" and native.fingerprint != mem.fingerprint
+
+
+def test_the_eval_transform_is_resize_then_centre_crop() -> None:
+    img = torch.arange(3 * 40 * 80, dtype=torch.float32).reshape(3, 40, 80).div(3 * 40 * 80 / 255).to(torch.uint8)
+    tf = EvalTransform.named("resize_crop", 224)
+    assert (tf.resize, tf.describe()) == (256, "resize256-crop224")  # ImageNet's 256 -> 224
+    out = EvalTransform.named("resize_crop", 16)(img)
+    assert out.shape == (3, 16, 16)
+    import torchvision.transforms.v2.functional as TF
+
+    ref = TF.resize(img, [18], antialias=True)  # shorter side 40 -> 18 (16 / 0.875), long side 36; then the centre
+    assert torch.equal(out, ref[:, 1:17, 10:26])
+    assert EvalTransform.named("resize", 20)(img).shape == (3, 20, 20)
+    with pytest.raises(DatasetError, match="unknown data.transform"):
+        EvalTransform.named("squash", 20)
+
+
+def test_webdataset_shards_give_the_image_folders_features(tree: Path, tmp_path: Path) -> None:
+    shards = trees.shards(tree, tmp_path / "wds", per_shard=50)
+    assert len(list(shards.glob("train-*.tar"))) == 5
+    cfg = DataConfig(image_size=64, storage="stream")
+    a = load_splits("imagefolder", dataclasses.replace(cfg, root=str(tree)))
+    b = load_splits("webdataset", dataclasses.replace(cfg, root=str(shards)))
+    assert b.num_classes == 10 and torch.equal(a.train.y, b.train.y) and a.mean == b.mean
+    fa, fb = _features(a), _features(b)
+    assert all(torch.equal(fa[k], fb[k]) for k in ("train", "val", "test"))
+
+
+def test_every_file_is_in_the_fingerprint_and_hashed_once(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from benchmark.data import files
+
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    first = load_raw("imagefolder", str(root)).source_hash
+    calls: list[Path] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert load_raw("imagefolder", str(root)).source_hash == first and calls == []  # cached by path, size and mtime
+    last = sorted((root / "train" / "class9").glob("*.JPEG"))[-1]  # the very last training file, one byte changed
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 1
+    last.write_bytes(bytes(data))
+    assert load_raw("imagefolder", str(root)).source_hash != first and calls == [last]
+    shutil.copytree(root, tmp_path / "moved")  # the same bytes elsewhere: the same data
+    assert load_raw("imagefolder", str(tmp_path / "moved")).source_hash == load_raw("imagefolder", str(root)).source_hash
+
+
+@pytest.mark.parametrize("how", ["folders", "loc", "devkit"])
+def test_the_ilsvrc_layout_reads_val_in_folders_or_flat_with_its_ground_truth(tmp_path: Path, how: str) -> None:
+    from benchmark.data.layouts import IMAGENET100
+
+    classes = sorted(IMAGENET100)
+    root = trees.imagefolder(tmp_path / "in", n_train=2, n_val=1, size=32, classes=classes + trees.wnids(5))
+    ref = load_raw("imagenet100", str(root))
+    if how != "folders":
+        trees.flatten_val(root, how)
+    raw = load_raw("imagenet100", str(root))
+    assert raw.num_classes == 100 and len(raw.train) == 200 and len(raw.test) == 100
+    assert torch.equal(raw.test.y, ref.test.y)  # flattened in listing order: the labels must come back the same
+    assert sorted(raw.test.y.tolist()) == list(range(100))  # one val image per class, each with its own label
+    assert [Path(p).name.startswith(classes[int(c)]) for p, c in zip(ref.test.paths, ref.test.y)] == [True] * 100
+
+
+def test_bad_layouts_are_one_line_naming_what_to_do(tmp_path: Path) -> None:
+    root = trees.imagefolder(tmp_path / "in", n_train=2, n_val=1, size=32, classes=trees.wnids(12))
+    with pytest.raises(DatasetError, match=r"has 12 class folders, ILSVRC2012 has 1000; expected the ILSVRC2012 layout"):
+        load_raw("imagenet", str(root))
+    with pytest.raises(DatasetError, match=r"lacks 100 of its 100 classes .*point --data-root at a full ImageNet"):
+        load_raw("imagenet100", str(root))
+    (root / "val" / "n99999999").mkdir()
+    (root / "val" / "n99999999" / "x.JPEG").write_bytes((root / "val").glob("*/*.JPEG").__next__().read_bytes())
+    with pytest.raises(DatasetError, match=r"has class folders that train/ lacks: n99999999"):
+        load_raw("imagefolder", str(root))
+    flat = trees.imagefolder(tmp_path / "flat", n_train=2, n_val=1, size=32, classes=trees.wnids(3))
+    trees.flatten_val(flat, "loc")
+    (flat / "LOC_val_solution.csv").unlink()
+    with pytest.raises(DatasetError, match=r"val is flat but no ground truth was found"):
+        from benchmark.data.layouts import _load_ilsvrc
+
+        _load_ilsvrc(flat, trees.wnids(3), "imagenet100")
+    with pytest.raises(DatasetError, match=r"webdataset root .* has no train shards; expected WebDataset shards"):
+        load_raw("webdataset", str(tmp_path))
+
+
+def test_a_corrupt_jpeg_is_one_line_naming_the_file_on_both_paths(tree: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    bad = sorted((root / "val" / "class3").glob("*.JPEG"))[2]
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated
+    with pytest.raises(DatasetError, match=rf"{bad}: not a decodable image \(.*\); remove or replace it"):
+        load_splits("imagefolder", DataConfig(root=str(root), storage="memory"))
+    s = load_splits("imagefolder", DataConfig(root=str(root), storage="stream"))  # planning lists, it does not decode
+    with pytest.raises(DatasetError, match=rf"^{bad}: not a decodable image") as e:
+        _features(s)
+    assert "\n" not in str(e.value)
+
+
+def test_a_truncated_shard_is_one_line_naming_it_and_the_offset(tree: Path, tmp_path: Path) -> None:
+    shards = trees.shards(tree, tmp_path / "wds", per_shard=50)
+    shard = shards / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:20_000])
+    with pytest.raises(DatasetError, match=rf"{shard}: truncated or corrupt shard after member .* \(byte offset \d+\)|"
+                                           rf"{shard}: truncated shard: member .* at byte offset \d+"):
+        load_raw("webdataset", str(shards))
+
+
+def test_storage_choice_is_by_size_and_explicit_memory_is_refused_when_it_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert datasets.choose_storage(DataConfig(), 1000, 3, 224) == "memory"  # 150 MB
+    assert datasets.choose_storage(DataConfig(), 1_281_167, 3, 224) == "stream"  # ImageNet: 193 GB
+    assert datasets.choose_storage(DataConfig(storage="stream"), 10, 3, 8) == "stream"
+    monkeypatch.setattr(datasets, "_physical_memory", lambda: 16 * 2**30)
+    with pytest.raises(ConfigError, match=r"data.storage=memory would hold 1281167 images of 224 px in .* use data.storage=stream"):
+        datasets.choose_storage(DataConfig(storage="memory"), 1_281_167, 3, 224)

@@ -1,0 +1,47 @@
+"""Issue 19's reproduction command end to end on a generated ILSVRC2012 tree (1000 class folders of real Fashion-MNIST
+JPEGs) with a torchvision ResNet checkpoint, streamed, on the CPU; and its bad roots as one line, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from tests.benchmark.data import trees
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def ilsvrc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trees.imagefolder(tmp_path_factory.mktemp("imagenet"), n_train=2, n_val=1, size=40, classes=trees.wnids(1000))
+
+
+def test_the_reproduction_command_runs_streamed_on_an_ilsvrc_tree(ilsvrc: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ck = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ck)
+    out, env = tmp_path / "out", {"SSLBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = ["--checkpoint", f"r18={ck}@resnet18", "--datasets", "imagenet", "--data-root", str(ilsvrc), "--protocols", "linear,knn",
+           "--set", "data.image_size=64", "--out", str(out)]
+    r = run_cli(*cmd, "--set", "data.storage=stream", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert set(df.protocol) == {"linear", "knn"} and set(df.status) == {"ok"} and (df.n_train.max() == 2000)
+    assert set(df.data_storage) == {"stream (2 workers)"} and set(df.data_transform) == {"resize73-crop64"}
+    assert set(df.feature_dtype) == {"float16"} and df.value.notna().all()
+    stores = list((out / "runs").rglob("features/*/manifest.json"))
+    assert len(stores) == 3  # train, val, test: extracted once, shared by both protocols
+    again = run_cli(*cmd, "--set", "data.storage=memory", env=env)  # where images live is not part of the cell
+    assert again.returncode == 0 and "0 cells done, 2 reused" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_missing_or_wrong_imagenet_root_is_one_line_naming_the_layout(ilsvrc: Path, tmp_path: Path) -> None:
+    small = trees.imagefolder(tmp_path / "small", n_train=2, n_val=1, size=32, classes=trees.wnids(10))
+    for root, msg in ((tmp_path / "nowhere", "dataset 'imagenet' not found at"),
+                      (small, "has 10 class folders, ILSVRC2012 has 1000; expected the ILSVRC2012 layout: DIR/train/<wnid>/*.JPEG")):
+        r = run_cli("--datasets", "imagenet", "--data-root", str(root), "--protocols", "knn", "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """Benchmarks of the streamed data path (issue 19): commands that print figures, not tests.
 
     python scripts/bench_stream.py make DIR --n 80000 --size 224     # an ImageFolder tree of real Fashion-MNIST JPEGs
+    python scripts/bench_stream.py make DIR --n 4000 --size 500x375 --noise 12   # photograph-like sizes (~100 KB)
     python scripts/bench_stream.py decode DIR --images 4000 --workers 2
     python scripts/bench_stream.py memory DIR --n 20000               # peak RSS of planning + extraction + kNN + linear
 
@@ -26,17 +27,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _write(job: tuple[str, bytes, int]) -> None:
+def _write(job: tuple[str, bytes, tuple[int, int], float]) -> None:
+    import numpy as np
     from PIL import Image
 
-    path, raw, size = job
-    img = Image.frombytes("L", (28, 28), raw).convert("RGB").resize((size, size), Image.BILINEAR)
+    path, raw, (w, h), noise = job
+    img = Image.frombytes("L", (28, 28), raw).convert("RGB").resize((w, h), Image.BILINEAR)
+    if noise:  # texture, so that files are as large as photographs (an upscaled 28 px item compresses to a few KB)
+        rng = np.random.default_rng(abs(hash(path)) % 2**32)
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0, noise, (h, w, 3))
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     Path(path).write_bytes(buf.getvalue())
 
 
-def make(root: Path, n: int, size: int, val_fraction: float = 0.1) -> None:
+def make(root: Path, n: int, shape: tuple[int, int], noise: float, val_fraction: float = 0.1) -> None:
     import numpy as np
 
     from benchmark.data.readers import read_idx
@@ -50,12 +56,13 @@ def make(root: Path, n: int, size: int, val_fraction: float = 0.1) -> None:
         split = "val" if i % round(1 / val_fraction) == 0 else "train"
         d = root / split / f"class{int(y[k])}"
         d.mkdir(parents=True, exist_ok=True)
-        jobs.append((str(d / f"{i:07d}.jpg"), x[k].tobytes(), size))
+        jobs.append((str(d / f"{i:07d}.jpg"), x[k].tobytes(), shape, noise))
     t0 = time.perf_counter()
     with Pool(os.cpu_count() or 2) as pool:
         pool.map(_write, jobs, chunksize=256)
     total = sum(p.stat().st_size for p in root.rglob("*.jpg"))
-    print(f"wrote {n} JPEGs of {size} px ({total / 2**20:,.0f} MiB) under {root} in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {n} JPEGs of {shape[0]}x{shape[1]} px, noise {noise} ({total / 2**20:,.0f} MiB, {total / n / 1024:.0f} KiB each) "
+          f"under {root} in {time.perf_counter() - t0:.0f} s")
 
 
 class _BarePIL:
@@ -158,7 +165,8 @@ def main() -> None:
     m = sub.add_parser("make")
     m.add_argument("root", type=Path)
     m.add_argument("--n", type=int, default=80_000)
-    m.add_argument("--size", type=int, default=224)
+    m.add_argument("--size", default="224", help="SIDE or WIDTHxHEIGHT (ImageNet's typical photo: 500x375)")
+    m.add_argument("--noise", type=float, default=0.0, help="Gaussian texture (std in grey levels): photograph-sized files")
     d = sub.add_parser("decode")
     d.add_argument("root", type=Path)
     d.add_argument("--images", type=int, default=4000)
@@ -171,7 +179,8 @@ def main() -> None:
     r.add_argument("--workers", type=int, default=2)
     a = p.parse_args()
     if a.cmd == "make":
-        make(a.root, a.n, a.size)
+        w, _, h = a.size.partition("x")
+        make(a.root, a.n, (int(w), int(h or w)), a.noise)
     elif a.cmd == "decode":
         decode(a.root, a.images, a.workers, a.batch, a.rounds)
     else:

@@ -45,3 +45,18 @@ def test_a_missing_or_wrong_imagenet_root_is_one_line_naming_the_layout(ilsvrc: 
         r = run_cli("--datasets", "imagenet", "--data-root", str(root), "--protocols", "knn", "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_image_in_a_streamed_set_fails_its_cell_with_one_line_naming_the_file(tmp_path: Path) -> None:
+    root = trees.imagefolder(tmp_path / "if", n_train=12, n_val=4, size=32)
+    bad = sorted((root / "val" / "class4").glob("*.JPEG"))[1]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    out = tmp_path / "out"
+    r = run_cli("--methods", "random", "--protocols", "knn", "--datasets", "imagefolder", "--data-root", str(root),
+                "--set", "data.storage=stream", "--set", "pretrain.backbone=convnet_tiny", "--out", str(out),
+                env={"SSLBENCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 1, r.stdout + r.stderr
+    fails = pd.read_csv(out / "failures.csv")
+    assert len(fails) == 1 and fails["flags"][0].startswith(f"DatasetError: {bad}: not a decodable image"), fails["flags"][0]
+    assert len(list(out.rglob("features/*-train/manifest.json"))) == 1  # the folder val/ is the test split:
+    assert not list(out.rglob("features/*-test/manifest.json"))  # the split with the bad file is never marked complete

@@ -75,7 +75,7 @@ class FrozenEncoder:
         x = x.to(self.device, non_blocking=True).float().div_(255)
         mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)  # in place: one float copy of the batch, not three (224 px batches are large)
 
     @torch.inference_mode()
     def features(self, x: Tensor) -> Tensor:

@@ -2,9 +2,10 @@
 
 docs/protocols.md#semi-supervised. Per fraction, a class-balanced subset of `data.train` (at least one image per class) is
 drawn once with `subset_seed` (not the run seed) and saved to out/splits, so every method sees the same
-images; or it is read from `subset_files` (our JSON, {"ids": [...]} indexing data.train). SimCLR's ImageNet
-lists (`imagenet_subsets/1percent.txt`) name files and need a dataset that keeps file names, which the
-repository does not have yet. A trainable copy of the encoder + linear head is fine-tuned on the subset
+images; or it is read from `subset_files`: our JSON ({"ids": [...]} indexing data.train), or a text file of image file
+names, one per line, as SimCLR distributes its ImageNet subsets (`imagenet_subsets/1percent.txt`, 12,811 names;
+file-based datasets only). Listed images that fell into the validation split (carved from train) are trained on and
+taken out of it, so the labelled set is exactly the list and selection never sees it. A trainable copy of the encoder + linear head is fine-tuned on the subset
 (random resized crop + flip) per lr x head-lr multiplier; the best on val top1 is tested once.
 Default = VISSL `semi_supervised/imagenet1k/eval_resnet_8gpu_transfer_in1k_semi_sup_fulltune.yaml`: SGD
 Nesterov m=0.9, lr 0.05 x batch/256, wd 0, 70 epochs, x0.1 at epoch 30, batch 256 (8 x 32).
@@ -84,7 +85,7 @@ class Tuning:
 class Config(Tuning):
     fractions: tuple[float, ...] = (0.01, 0.1)  # SimCLR's 1% and 10% ImageNet subsets (here: of data.train)
     subset_seed: int = 0  # fixes the draw across methods and run seeds (SimCLR publishes one list)
-    subset_files: tuple[str, ...] = ()  # one {"ids": [...]} JSON per fraction, used instead of drawing
+    subset_files: tuple[str, ...] = ()  # one file per fraction, used instead of drawing: {"ids": [...]} .json, or file names (.txt)
     epochs: tuple[int, ...] = (70,)  # one per fraction, or one for all (VISSL semi_sup_fulltune: 70)
     weight_decay: tuple[float, ...] = (0.0,)  # one per fraction or one for all (VISSL, SimCLR 0; mmselfsup 5e-4 / 1e-4)
 
@@ -158,6 +159,45 @@ def read_subset_file(path: str | Path, data: Splits) -> Tensor:
     return t.sort().values
 
 
+def read_file_list(path: str | Path, data: Splits) -> tuple[Tensor, Tensor]:
+    """Indices into `data.train` and into `data.val` of the images a text file names (one basename per line).
+
+    Raises:
+        ConfigError: unreadable file, a dataset without file names, a listed name the dataset lacks, a repeated name.
+    """
+    p = Path(path).expanduser()
+    try:
+        names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"semisup.subset_files: cannot read {p} ({type(e).__name__}: {e})") from None
+    if not data.train_names:
+        raise ConfigError(f"semisup.subset_files: {p} lists file names, but {data.name!r} does not keep them (tensor data or shards); "
+                          "use a file-based dataset (imagenet, imagefolder) or a JSON {\"ids\": [...]} file")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"semisup.subset_files: {p} repeats file names")
+    in_train = {n: i for i, n in enumerate(data.train_names)}
+    in_val = {n: i for i, n in enumerate(data.val_names)}
+    missing = [n for n in names if n not in in_train and n not in in_val]
+    if missing:
+        raise ConfigError(f"semisup.subset_files: {len(missing)} of the {len(names)} files {p} lists are not in {data.name!r} "
+                          f"({', '.join(missing[:3])}); is it the list for this dataset?")
+    t = torch.tensor(sorted(in_train[n] for n in names if n in in_train), dtype=torch.int64)
+    v = torch.tensor(sorted(in_val[n] for n in names if n in in_val), dtype=torch.int64)
+    return t, v
+
+
+def listed_subset(data: Splits, path: str) -> tuple[Images, Splits, str]:
+    """The labelled images a file list names, `data` with those taken out of its validation split, and a note."""
+    t, v = read_file_list(path, data)
+    labelled = data.train.subset(t).concat(data.val.subset(v)) if len(v) else data.train.subset(t)  # type: ignore[arg-type]
+    keep = torch.ones(len(data.val), dtype=torch.bool)
+    keep[v] = False
+    rest = dataclasses.replace(data, val=data.val.subset(keep.nonzero().squeeze(1)))
+    h = hashlib.sha256(repr((t.tolist(), v.tolist())).encode()).hexdigest()[:8]
+    moved = f", {len(v)} of them taken from the validation split" if len(v) else ""
+    return labelled, rest, f"file {Path(path).name} ({len(t) + len(v)} images{moved}) #{h}"
+
+
 def label_subset(data: Splits, fraction: float, subset_seed: int, file: str | None, ctx: EvalContext) -> tuple[Tensor, str]:
     """Indices into `data.train` of the labelled subset, and a short note of where they came from (with a hash).
 
@@ -229,7 +269,13 @@ def semisup(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalCon
         raise ValueError("semisup needs one label per image; use a multi-label protocol for this dataset")
     rows: list[Row] = []
     for i, fraction in enumerate(cfg.fractions):
-        ids, src = label_subset(data, fraction, cfg.subset_seed, cfg.subset_files[i] if cfg.subset_files else None, ctx)
+        file = cfg.subset_files[i] if cfg.subset_files else None
+        if file and not file.endswith(".json"):  # a list of file names (SimCLR's format)
+            labelled, selection, src = listed_subset(data, file)
+            rows += finetune_rows(encoder, labelled, selection, cfg, cfg.recipe_for(i), seed, ctx,
+                                  suffix=f"_{pct_tag(fraction)}pct", note=f"subset {src}")
+            continue
+        ids, src = label_subset(data, fraction, cfg.subset_seed, file, ctx)
         rows += finetune_rows(encoder, data.train.subset(ids), data, cfg, cfg.recipe_for(i), seed, ctx,
                               suffix=f"_{pct_tag(fraction)}pct", note=f"subset {src}")
     return rows

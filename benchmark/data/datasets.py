@@ -165,6 +165,7 @@ def _file_splits(name: str, raw: RawDataset, cfg: DataConfig, train: StreamSet, 
         tf = EvalTransform.named(kind, cfg.image_size or raw.default_size)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
+    names = [tuple(os.path.basename(p) for p in s.paths) if bool((s.offsets < 0).all()) else () for s in (train, val)]
     train, val, test = (s.with_transform(tf) for s in (train, val, test))
     train, val, test = (dataclasses.replace(s, workers=cfg.workers) for s in (train, val, test))
     size = train.image_size
@@ -177,7 +178,8 @@ def _file_splits(name: str, raw: RawDataset, cfg: DataConfig, train: StreamSet, 
     label = "memory" if storage == "memory" else f"stream ({cfg.workers} workers)"
     settings = json.dumps([raw.source_hash, cfg.train_size, cfg.test_size, cfg.val_fraction, cfg.split_seed, tf.describe()])
     fp = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    return Splits(name, *sets, raw.num_classes, mean, std, fp, val_ids, storage=label, transform=tf.describe())
+    return Splits(name, *sets, raw.num_classes, mean, std, fp, val_ids, storage=label, transform=tf.describe(),
+                  train_names=names[0], val_names=names[1])
 
 
 def save_split_file(splits: Splits, path: Path) -> None:

@@ -74,6 +74,10 @@ class Splits:
     val_ids: Tensor  # indices into the source train set that form `val` (saved with the results)
     storage: str = "memory"  # "memory", or "stream (N workers)": where the images are read from (recorded per row)
     transform: str = ""  # the evaluation transform of a file-based dataset ("resize256-crop224"); "" for tensor data
+    # file names (basenames) of train's and val's images, for a dataset read from files ((): tensor data, shards):
+    # what lets published subset lists (SimCLR's `1percent.txt`) be read as they are distributed
+    train_names: tuple[str, ...] = ()
+    val_names: tuple[str, ...] = ()
 
     @property
     def channels(self) -> int:

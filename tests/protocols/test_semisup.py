@@ -241,3 +241,25 @@ def test_real_digits_with_a_random_convnet(digits: Splits) -> None:
     # measured 0.22 (1%: 12 images) and 0.675 (10%: 121 images); chance is 0.1
     assert v[("top1_1pct", "test")] > 0.15 and v[("top1_10pct", "test")] > 0.5
     assert v[("top1_10pct", "test")] > v[("top1_1pct", "test")] and v[("top5_10pct", "test")] >= v[("top1_10pct", "test")]
+
+
+def test_a_simclr_style_file_list_is_read_by_name_and_taken_out_of_val(tmp_path: Path) -> None:
+    """Issue 19: SimCLR's `1percent.txt` names files; listed images that fell into val are trained on, not selected on."""
+    from protocols.semisup import listed_subset
+
+    data = blobs()
+    named = dataclasses.replace(data, train_names=tuple(f"t{i}.JPEG" for i in range(len(data.train))),
+                                val_names=tuple(f"v{i}.JPEG" for i in range(len(data.val))))
+    f = tmp_path / "1percent.txt"
+    f.write_text("t7.JPEG\nv3.JPEG\n\nt2.JPEG\nv0.JPEG\n")
+    labelled, rest, note = listed_subset(named, str(f))
+    assert torch.equal(labelled.x, torch.cat([data.train.x[[2, 7]], data.val.x[[0, 3]]]))
+    assert len(rest.val) == len(data.val) - 2 and torch.equal(rest.val.x, data.val.x[[i for i in range(len(data.val)) if i not in (0, 3)]])
+    assert note.startswith("file 1percent.txt (4 images, 2 of them taken from the validation split) #")
+    rows = semisup(tiny_encoder(), named, Config(fractions=(0.01,), subset_files=(str(f),), epochs=(1,), **FAST), 0)
+    assert all(r.n_train == 4 for r in rows) and all("file 1percent.txt" in r.selection for r in rows)
+    f.write_text("t7.JPEG\nnope.JPEG\n")
+    with pytest.raises(ConfigError, match=r"1 of the 2 files .* are not in 'blobs' \(nope.JPEG\); is it the list for this dataset"):
+        listed_subset(named, str(f))
+    with pytest.raises(ConfigError, match=r"does not keep them .*use a file-based dataset"):
+        listed_subset(data, str(f))

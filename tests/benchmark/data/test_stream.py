@@ -44,6 +44,8 @@ def test_streamed_features_equal_the_in_memory_ones_bit_for_bit(tree: Path) -> N
     assert (mem.storage, stream.storage, mem.transform) == ("memory", "stream (2 workers)", "resize73-crop64")
     assert mem.fingerprint == stream.fingerprint and mem.mean == stream.mean and mem.std == stream.std
     assert torch.equal(mem.val_ids, stream.val_ids) and torch.equal(mem.test.y, stream.test.y)
+    assert mem.train_names == stream.train_names and len(mem.train_names) == len(mem.train)  # for SimCLR-style lists
+    assert mem.train_names[0].endswith(".JPEG") and "/" not in mem.train_names[0]
     fm, fs = _features(mem), _features(stream)
     assert all(torch.equal(fm[k], fs[k]) for k in ("train", "val", "test"))
     assert fm["train"].std() > 0

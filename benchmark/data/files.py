@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmark.errors import DatasetError
 from benchmark.store.checkpoints import sha256_file
 
 
@@ -67,7 +68,10 @@ def fingerprint_files(paths: Sequence[str], root: Path, extra: str = "", progres
     files = sorted(set(paths))
     keys = []
     for p in files:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise DatasetError(f"{p} is listed by the dataset but missing; restore it or fix the file list") from None
         keys.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
     cache = _HashCache(cache_root() / "file-sha256.sqlite")
     known = cache.get(keys)

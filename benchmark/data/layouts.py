@@ -191,6 +191,64 @@ register_dataset("imagenet100")(
                 _ilsvrc_hint("SSLBENCH_DATA_IMAGENET100") + " Its 100 classes (CMC's list) are read from the full tree."))
 
 
+# --------------------------------------------------------------------------- file lists: Places205, iNaturalist 2018
+
+PLACES205_LAYOUT = ("Places205 as VISSL reads it: DIR/trainvalsplit_places205/{train,val}_places205.csv (or the two csv "
+                    "files in DIR), lines 'a/abbey/00000001.jpg 0', the images under DIR/images256/ (or DIR/data/vision/"
+                    "torralba/deeplearning/images256/)")
+INAT2018_LAYOUT = ("iNaturalist 2018: DIR/train2018.json and DIR/val2018.json (the official COCO-style annotations) and "
+                   "the images they name (train_val2018/<kingdom>/<id>/*.jpg) under DIR")
+
+
+def _listed(base: Path, entries: list[tuple[str, int]], what: str, layout: str) -> StreamSet:
+    if not entries:
+        raise DatasetError(f"{what} lists no images; expected {layout}")
+    return _files([str(base / rel.lstrip("/")) for rel, _ in entries], [y for _, y in entries])
+
+
+def _load_places205(root: Path) -> RawDataset:
+    lists = next((d for d in (root / "trainvalsplit_places205", root) if (d / "train_places205.csv").is_file()), None)
+    base = next((d for d in (root / "images256", root / "data/vision/torralba/deeplearning/images256") if d.is_dir()), None)
+    if lists is None or not (lists / "val_places205.csv").is_file() or base is None:
+        raise DatasetError(f"places205: {root} is incomplete; expected {PLACES205_LAYOUT}")
+    sets = []
+    for name in ("train_places205.csv", "val_places205.csv"):
+        entries = []
+        for n, line in enumerate((lists / name).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rel, _, label = line.strip().rpartition(" ")
+            if not rel or not label.isdigit():
+                raise DatasetError(f"{lists / name} line {n}: {line[:60]!r} is not 'PATH LABEL'; expected {PLACES205_LAYOUT}")
+            entries.append((rel, int(label)))
+        sets.append(_listed(base, entries, str(lists / name), PLACES205_LAYOUT))
+    return _raw(root, sets[0], sets[1], [str(i) for i in range(205)], size=224)
+
+
+def _load_inat2018(root: Path) -> RawDataset:
+    import json
+
+    files = [root / "train2018.json", root / "val2018.json"]
+    if not all(f.is_file() for f in files):
+        raise DatasetError(f"inat2018: {root} lacks {', '.join(f.name for f in files if not f.is_file())}; expected {INAT2018_LAYOUT}")
+    sets, classes = [], 0
+    for f in files:
+        try:
+            ann = json.loads(f.read_text())
+            label = {a["image_id"]: int(a["category_id"]) for a in ann["annotations"]}
+            entries = [(im["file_name"], label[im["id"]]) for im in ann["images"]]
+            classes = max(classes, len(ann.get("categories", [])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{f} is not the official annotation file ({type(e).__name__}: {e}); expected {INAT2018_LAYOUT}") from None
+        sets.append(_listed(root, entries, str(f), INAT2018_LAYOUT))
+    classes = max(classes, int(sets[0].y.max()) + 1)
+    return _raw(root, sets[0], sets[1], [str(i) for i in range(classes)], size=224)
+
+
+register_dataset("places205")(DatasetSpec(_load_places205, None, f"Point --data-root at {PLACES205_LAYOUT}."))
+register_dataset("inat2018")(DatasetSpec(_load_inat2018, None, f"Point --data-root at {INAT2018_LAYOUT}."))
+
+
 # --------------------------------------------------------------------------- WebDataset shards
 
 WDS_LAYOUT = ("WebDataset shards: DIR/train-*.tar and DIR/val-*.tar (or test-*.tar), each sample an image member "

@@ -170,3 +170,42 @@ def test_storage_choice_is_by_size_and_explicit_memory_is_refused_when_it_cannot
     monkeypatch.setattr(datasets, "_physical_memory", lambda: 16 * 2**30)
     with pytest.raises(ConfigError, match=r"data.storage=memory would hold 1281167 images of 224 px in .* use data.storage=stream"):
         datasets.choose_storage(DataConfig(storage="memory"), 1_281_167, 3, 224)
+
+
+def test_places205_and_inat2018_are_read_from_their_file_lists(tree: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    imgs = sorted(tree.glob("*/*/*.JPEG"))[:6]
+    places = tmp_path / "places"
+    for i, p in enumerate(imgs):
+        dst = places / "images256" / "a" / f"abbey{i % 2}" / f"{i:08d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst)
+    (places / "trainvalsplit_places205").mkdir()
+    (places / "trainvalsplit_places205" / "train_places205.csv").write_text("".join(f"a/abbey{i % 2}/{i:08d}.jpg {i % 2}\n" for i in range(4)))
+    (places / "trainvalsplit_places205" / "val_places205.csv").write_text("a/abbey0/00000004.jpg 0\na/abbey1/00000005.jpg 204\n")
+    raw = load_raw("places205", str(places))
+    assert raw.num_classes == 205 and raw.train.y.tolist() == [0, 1, 0, 1] and raw.test.y.tolist() == [0, 204]
+    assert Path(raw.train.paths[1]).read_bytes() == imgs[1].read_bytes()
+    (places / "images256" / "a" / "abbey1" / "00000003.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"00000003.jpg is listed by the dataset but missing"):
+        load_raw("places205", str(places))
+    with pytest.raises(DatasetError, match=r"places205: .* is incomplete; expected Places205 as VISSL reads it"):
+        load_raw("places205", str(tmp_path))
+
+    inat = tmp_path / "inat"
+    for split, part in (("train2018", imgs[:4]), ("val2018", imgs[4:])):
+        images, anns = [], []
+        for i, p in enumerate(part):
+            rel = f"train_val2018/Plantae/{i}/{p.stem}.jpg"
+            (inat / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, inat / rel)
+            images.append({"id": 100 + i, "file_name": rel})
+            anns.append({"image_id": 100 + i, "category_id": 7 - i})
+        (inat / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": c} for c in range(8)]}))
+    raw = load_raw("inat2018", str(inat))
+    assert raw.num_classes == 8 and raw.train.y.tolist() == [7, 6, 5, 4] and raw.test.y.tolist() == [7, 6]
+    (inat / "val2018.json").write_text('{"images": []}')
+    with pytest.raises(DatasetError, match=r"val2018.json is not the official annotation file \(KeyError"):
+        load_raw("inat2018", str(inat))

@@ -60,3 +60,19 @@ def test_a_corrupt_image_in_a_streamed_set_fails_its_cell_with_one_line_naming_t
     assert len(fails) == 1 and fails["flags"][0].startswith(f"DatasetError: {bad}: not a decodable image"), fails["flags"][0]
     assert len(list(out.rglob("features/*-train/manifest.json"))) == 1  # the folder val/ is the test split:
     assert not list(out.rglob("features/*-test/manifest.json"))  # the split with the bad file is never marked complete
+
+
+def test_pretraining_and_fine_tuning_on_a_streamed_set_equal_the_in_memory_run(tmp_path: Path) -> None:
+    root = trees.imagefolder(tmp_path / "if", n_train=12, n_val=4, size=24)
+    values = {}
+    for storage in ("memory", "stream"):
+        out = tmp_path / storage
+        r = run_cli("--suite", "smoke", "--methods", "simclr", "--protocols", "knn,finetune", "--datasets", "imagefolder",
+                    "--data-root", str(root), "--set", f"data.storage={storage}", "--set", "finetune.epochs=1",
+                    "--set", "finetune.lrs=[0.1]", "--out", str(out), env={"SSLBENCH_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, r.stdout + r.stderr
+        df = pd.read_csv(out / "results.csv")
+        assert set(df.data_storage) == {storage if storage == "memory" else "stream (2 workers)"}
+        values[storage] = df.set_index(["protocol", "metric", "split"]).value.sort_index()
+    assert values["memory"].notna().all() and len(values["memory"]) >= 3
+    pd.testing.assert_series_equal(values["memory"], values["stream"])  # the same images, batches and draws

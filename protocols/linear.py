@@ -39,24 +39,61 @@ class Config:
         check(self.tol > 0, "linear.tol must be > 0")
 
 
+LARGE = 2**27  # rows x classes above which logits are computed in row chunks and the features are never copied
+
+
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, C: float, max_iter: int = 1000, tol: float = 1e-6,
-                 init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Minimise mean CE(xW + b, y) + ||W||² / (2 C n) with L-BFGS; returns (W (D, K), b (K,))."""
+                 init: tuple[Tensor, Tensor] | None = None, shift: Tensor | None = None, scale: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Minimise mean CE(x'W + b, y) + ||W||² / (2 C n) with L-BFGS, x' = (x - shift) / scale (identity when None);
+    returns (W (D, K), b (K,)) in the standardised space.
+
+    Above LARGE rows x classes (ImageNet: 1.28M x 1000) the objective is summed over row chunks, each chunk's graph
+    freed after its backward, and the standardisation is folded into W (x' W = x (W / scale) - (shift / scale) W):
+    memory holds the features once plus one chunk's logits. The same objective; smaller problems take the direct
+    path, so their numbers do not change."""
     n, d = x.shape
     W = (init[0].clone() if init else torch.zeros(d, num_classes, dtype=x.dtype, device=x.device)).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(num_classes, dtype=x.dtype, device=x.device)).requires_grad_(True)
     lam = 1.0 / (C * n)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
+    large = n * num_classes > LARGE
+    rows = max(1, LARGE // (4 * num_classes))
+    if not large and shift is not None and scale is not None:
+        x = (x - shift) / scale  # small: one standardised copy, as the direct path always did
+
+    def logits(xs: Tensor) -> Tensor:
+        if not large or shift is None or scale is None:
+            return xs @ W + b
+        return xs @ (W / scale.view(-1, 1)) + (b - (shift / scale) @ W)
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y) + 0.5 * lam * (W * W).sum()
-        loss.backward()
-        return loss
+        if not large:
+            loss = F.cross_entropy(logits(x), y) + 0.5 * lam * (W * W).sum()
+            loss.backward()
+            return loss
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
+        for i in range(0, n, rows):
+            part = F.cross_entropy(logits(x[i : i + rows]), y[i : i + rows], reduction="sum") / n
+            part.backward()
+            total += part.detach()
+        reg = 0.5 * lam * (W * W).sum()
+        reg.backward()
+        return total + reg.detach()
 
     opt.step(closure)
     return W.detach(), b.detach()
+
+
+def scores_of(x: Tensor, W: Tensor, b: Tensor, shift: Tensor | None, scale: Tensor | None, chunk: int = 65_536) -> Tensor:
+    """(x - shift) / scale @ W + b on the CPU, in row chunks (no standardised copy of x)."""
+    out = []
+    for xs in x.split(chunk):
+        xs = (xs - shift) / scale if shift is not None and scale is not None else xs
+        out.append((xs @ W + b).cpu())
+    return torch.cat(out) if out else torch.zeros(0, W.shape[1])
 
 
 def c_grid(cfg: Config) -> list[float]:
@@ -72,20 +109,22 @@ def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalCont
     device = getattr(encoder, "device", torch.device("cpu"))
     f = split_features(encoder, data)
     (xtr, ytr), (xva, yva), (xte, yte) = ((x.to(device), y.to(device)) for x, y in (f["train"], f["val"], f["test"]))
-    if cfg.standardize:
+    mu = sd = None
+    if cfg.standardize:  # applied inside the fits and the scoring: the features are not copied
         mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
-        xtr, xva, xte = ((x - mu) / sd for x in (xtr, xva, xte))
     k = data.num_classes
     best_c, best_acc, params = None, -1.0, None
     for C in c_grid(cfg):
-        params = fit_logistic(xtr, ytr, k, C, cfg.max_iter, cfg.tol, init=params)
-        acc = topk_accuracy((xva @ params[0] + params[1]).cpu(), yva.cpu(), 1)
+        params = fit_logistic(xtr, ytr, k, C, cfg.max_iter, cfg.tol, init=params, shift=mu, scale=sd)
+        acc = topk_accuracy(scores_of(xva, *params, mu, sd), yva.cpu(), 1)
         if acc > best_acc:  # ties keep the stronger regularisation
             best_c, best_acc = C, acc
     if best_c is None:
         raise ConfigError(f"linear: no C of the grid {list(c_grid(cfg))[:5]} gave a finite validation accuracy")
-    W, b = fit_logistic(torch.cat([xtr, xva]), torch.cat([ytr, yva]), k, best_c, cfg.max_iter, cfg.tol)
-    scores = (xte @ W + b).cpu()
+    trainval = torch.cat([xtr, xva])
+    W, b = fit_logistic(trainval, torch.cat([ytr, yva]), k, best_c, cfg.max_iter, cfg.tol, shift=mu, scale=sd)
+    del trainval
+    scores = scores_of(xte, W, b, mu, sd)
     sel = f"val top1: C={best_c:.4g} of {cfg.grid_points}"
     n = len(ytr) + len(yva)
     rows = [Row("top1", best_acc, split="val", selection=sel, n_train=len(ytr)),

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
 from benchmark.data.sets import Splits
@@ -47,3 +48,21 @@ def test_selection_uses_val_and_reports_it(digits: Splits) -> None:
     assert len(val) == 1 and val[0].n_train == len(digits.train)
     assert test["top1"].n_train == len(digits.train) + len(digits.val)
     assert test["top1"].value > 0.9 and test["top5"].value >= test["top1"].value
+
+
+def test_a_large_problem_is_fitted_in_row_chunks_to_the_same_optimum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: ImageNet-sized fits (1.28M x 1000 logits) sum the objective over row chunks and fold the
+    standardisation into W, never copying the features; the optimum is the direct path's."""
+    import protocols.linear as linear_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 12, generator=g, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 5, (600,), generator=g)
+    mu, sd = x.mean(0), x.std(0)
+    direct = fit_logistic(x, y, 5, 0.5, max_iter=500, tol=1e-10, shift=mu, scale=sd)
+    monkeypatch.setattr(linear_module, "LARGE", 400)  # 600 x 5 > 400: chunks of 20 rows
+    chunked = fit_logistic(x, y, 5, 0.5, max_iter=500, tol=1e-10, shift=mu, scale=sd)
+    torch.testing.assert_close(chunked[0], direct[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(chunked[1], direct[1], rtol=1e-6, atol=1e-7)
+    scores = linear_module.scores_of(x, *chunked, mu, sd, chunk=64)
+    torch.testing.assert_close(scores, ((x - mu) / sd) @ direct[0] + direct[1], rtol=1e-6, atol=1e-6)

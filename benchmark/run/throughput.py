@@ -184,7 +184,7 @@ def probe_time(fe: FrozenEncoder, splits: Splits, protocol: str) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = DataConfig(train_size=args.train_size, image_size=args.image_size)
+    data = DataConfig(train_size=args.train_size, image_size=args.image_size, storage="memory")  # the paths it compares hold images in memory
     splits = load_splits(args.dataset, data)
     cfg = replace(PretrainConfig(), backbone=args.backbone, batch_size=args.batch_size, optimizer="sgd", lr=0.1,
                   compile=args.compile)

@@ -286,8 +286,8 @@ class Colorization(nn.Module):
         if epoch == 0 and self.cfg.target == "lab" and self.cfg.rebalance:
             size = max(1, splits.image_size // self.cfg.out_stride)
             counts = torch.zeros(len(self.bins), device=device)
-            for i in range(0, len(splits.train), 512):
-                rgb = splits.train.x[i : i + 512].to(device).float() / 255
+            for xb in splits.train.batches(512):  # in memory or streamed alike
+                rgb = xb.to(device).float() / 255
                 ab = F.adaptive_avg_pool2d(rgb_to_lab(rgb)[:, 1:], size).permute(0, 2, 3, 1).reshape(-1, 2)
                 nearest = torch.cdist(ab, self.bins.to(device)).argmin(1)
                 counts += torch.bincount(nearest, minlength=len(self.bins)).float()

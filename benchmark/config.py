@@ -97,7 +97,10 @@ class PretrainConfig:
     deterministic: bool = nohash(False)  # torch.use_deterministic_algorithms
     checkpoint_every: int = nohash(1)  # epochs between checkpoints (a checkpoint is always written at the end)
     keep_checkpoints: int = nohash(2)  # >= 2 so that a corrupt latest checkpoint is survivable
-    num_workers: int = nohash(0)  # data-loading workers for datasets not held in memory
+    # where pretraining views are cropped: "batch" (from the in-memory or eval-transformed images, on the device, by
+    # the batched augmentations) or "worker" (a streamed set only: each view's random-resized crop taken from the
+    # full decoded image in the data workers, ImageNet-style, then flip / jitter / blur on the device)
+    crops: Literal["batch", "worker"] = hashed_if_set("batch")
     sync_every: int = nohash(0)  # steps between reads of the loss on the host (NaN check, progress); 0: 1 on CPU, 50 on GPU
     # torch.compile each of the model's parts (`nn.Module.compile` on its child modules): "none", or a torch.compile
     # mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"). The same recipe with

@@ -76,3 +76,24 @@ def test_pretraining_and_fine_tuning_on_a_streamed_set_equal_the_in_memory_run(t
         values[storage] = df.set_index(["protocol", "metric", "split"]).value.sort_index()
     assert values["memory"].notna().all() and len(values["memory"]) >= 3
     pd.testing.assert_series_equal(values["memory"], values["stream"])  # the same images, batches and draws
+
+
+def test_pretraining_with_worker_crops_runs_reproducibly_and_needs_a_streamed_set(tmp_path: Path) -> None:
+    root = trees.imagefolder(tmp_path / "if", n_train=12, n_val=4, size=40)
+    env = {"SSLBENCH_CACHE": str(tmp_path / "cache")}
+    base = ["--suite", "smoke", "--methods", "simclr", "--datasets", "imagefolder", "--data-root", str(root),
+            "--set", "pretrain.crops=worker"]
+    losses = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        r = run_cli(*base, "--set", "data.storage=stream", "--set", f"data.workers={workers}", "--out", str(out), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (meta,) = out.rglob("pretrain.json")
+        losses.append([(h["loss"], h["rankme"]) for h in pd.read_json(meta, typ="series")["history"]])
+    assert losses[0] == losses[1] and len(losses[0]) == 1  # the crops are fixed by the seed, not by the workers
+    batch = [*base[:-1], "pretrain.crops=batch", "--set", "data.storage=stream", "--out", str(tmp_path / "batch")]
+    assert run_cli(*batch, env=env).returncode == 0
+    (meta,) = (tmp_path / "batch").rglob("pretrain.json")
+    assert [(h["loss"], h["rankme"]) for h in pd.read_json(meta, typ="series")["history"]] != losses[0]  # other views
+    r = run_cli(*base, "--out", str(tmp_path / "mem"), env=env)
+    assert r.returncode == 2 and "pretrain.crops=worker crops views from the full decoded images of a streamed set" in r.stderr

@@ -10,6 +10,7 @@ decoded uint8 tensor, in the worker; the same two functions build the in-memory 
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -142,6 +143,73 @@ def _collate(items: list[Tensor | str]) -> Tensor | str:
     return torch.stack([t for t in items if isinstance(t, Tensor)])
 
 
+@dataclass(frozen=True)
+class CropSpec:
+    """The random-resized crop a worker takes from a full decoded image for one pretraining view."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random-resized crop of an h x w image: torchvision's
+    `RandomResizedCrop.get_params` (10 tries of area and log-ratio, else the centre crop at the nearest allowed
+    ratio), drawing from `g` instead of the global generator."""
+    area, lo, hi = h * w, math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=g).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        ar = math.exp(lo + u[1] * (hi - lo))
+        cw, ch = round(math.sqrt(target * ar)), round(math.sqrt(target / ar))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return top, left, ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        cw, ch = round(h * max(ratio)), h
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+class _Cropped(torch.utils.data.Dataset[tuple[Tensor, ...] | str]):
+    """Index -> one uint8 crop per `CropSpec`, taken from the full decoded image (pretraining at full resolution).
+    Each image's draws come from a generator seeded by (`seed`, index): the same whatever the number of workers."""
+
+    def __init__(self, s: StreamSet, crops: Sequence[CropSpec], seed: int) -> None:
+        self.s, self.crops, self.seed = s, list(crops), seed
+
+    def __len__(self) -> int:
+        return len(self.s)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, ...] | str:
+        import torchvision.transforms.v2.functional as TF
+
+        s = self.s
+        try:
+            img = decode(s.paths[i], int(s.offsets[i]), int(s.sizes[i]), s.source_channels)
+        except DatasetError as e:
+            return str(e)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)
+        out = []
+        for c in self.crops:
+            top, left, h, w = rrc_box(int(img.shape[-2]), int(img.shape[-1]), c.scale, c.ratio, g)
+            crop = TF.resized_crop(img, top, left, h, w, [c.size, c.size], antialias=True)
+            out.append(convert_channels(crop, s.channels))
+        return tuple(out)
+
+
+def _collate_views(items: list[tuple[Tensor, ...] | str]) -> list[Tensor] | str:
+    for it in items:
+        if isinstance(it, str):
+            return it
+    return [torch.stack(list(v)) for v in zip(*items)]
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one decode per core: the workers, not intra-op threads, are the parallelism
 
@@ -201,6 +269,20 @@ class StreamSet:
         dl = torch.utils.data.DataLoader(
             _Decoded(self), batch_sampler=[b.tolist() for b in batches], num_workers=self.workers, collate_fn=_collate,
             pin_memory=pin, worker_init_fn=_worker_init if self.workers else None,
+            prefetch_factor=4 if self.workers else None)
+        for out in dl:
+            if isinstance(out, str):
+                raise DatasetError(out)
+            yield out
+
+    def crops(self, batches: Sequence[Tensor], crops: Sequence[CropSpec], seed: int, pin: bool = False) -> Iterator[list[Tensor]]:
+        """For each index batch, one uint8 (B, C, size, size) tensor per `CropSpec`, cropped from the full decoded images
+        in `workers` processes (pretraining with pretrain.crops=worker)."""
+        if not batches:
+            return
+        dl = torch.utils.data.DataLoader(
+            _Cropped(self, crops, seed), batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
+            collate_fn=_collate_views, pin_memory=pin, worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=4 if self.workers else None)
         for out in dl:
             if isinstance(out, str):

@@ -219,6 +219,10 @@ def plan(req: Request) -> Plan:
                 eval_tasks += _eval_tasks(req, pt, splits, eval_cfg)
         for method in req.methods:
             pre_cfg, m_cfg = _pretrain_cfgs(method, ov, splits)
+            if pre_cfg.crops == "worker" and not splits.storage.startswith("stream"):
+                raise ConfigError(f"pretrain.crops=worker crops views from the full decoded images of a streamed set; {dataset!r} "
+                                  f"is held in memory ({splits.storage}): add --set data.storage=stream (a file-based dataset) "
+                                  "or use pretrain.crops=batch")
             base_pre, base_m = _pretrain_cfgs(method, base, splits, quiet=True)
             identity = {"method": method, "method_cfg": m_cfg, "pretrain": pre_cfg, "data": data_cfg, "dataset": dataset,
                         "fingerprint": splits.fingerprint}

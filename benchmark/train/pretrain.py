@@ -9,11 +9,12 @@ batches and the same augmentations as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -24,8 +25,9 @@ from tqdm import tqdm
 
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
-from benchmark.data.augment import ViewSpec, make_views
+from benchmark.data.augment import ViewSpec, augment, make_views
 from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.stream import CropSpec, StreamSet
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.store.checkpoints import CheckpointDir
 from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
@@ -264,11 +266,18 @@ def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, c
     return run
 
 
-def _batch(run: _Run, perm: Tensor, i: int, streamed: Tensor | None = None) -> tuple[list[Tensor], Tensor | None, Tensor]:
+def _batch(run: _Run, perm: Tensor, i: int, streamed: Tensor | list[Tensor] | None = None) -> tuple[list[Tensor], Tensor | None, Tensor]:
     """Step `i` of the epoch whose order is `perm`: this process's views, labels (if the method uses them), indices.
-    `streamed`: the step's images decoded by the streamed set's workers (None: indexed from memory)."""
+    `streamed`: the step's images decoded by the streamed set's workers, or with pretrain.crops=worker one crop
+    batch per view (None: indexed from memory)."""
     cfg, device = run.cfg, run.device
     idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+    g = torch.Generator(device).manual_seed(derive_seed(run.seed, "views", run.step))
+    if isinstance(streamed, list):  # cropped in the workers: the rest of each view's pipeline here, without a crop
+        m, s = torch.tensor(run.splits.mean, device=device), torch.tensor(run.splits.std, device=device)
+        views = [augment(c.to(device, non_blocking=True), dataclasses.replace(spec, scale=(1.0, 1.0), ratio=(1.0, 1.0)), m, s, g)
+                 for c, spec in zip(streamed, run.specs)]
+        return _finish_batch(run, views, idx)
     if streamed is not None:
         x = streamed.to(device, non_blocking=True)
     elif run.data_x is None:
@@ -277,8 +286,12 @@ def _batch(run: _Run, perm: Tensor, i: int, streamed: Tensor | None = None) -> t
         x = run.data_x[idx.to(run.data_x.device)]
     else:  # did not fit the GPU: pinned host memory, asynchronous copy
         x = run.data_x[idx].pin_memory().to(device, non_blocking=True)
-    g = torch.Generator(device).manual_seed(derive_seed(run.seed, "views", run.step))
     views = make_views(x, run.specs, run.splits.mean, run.splits.std, g)  # the global batch's views, then this process's rows
+    return _finish_batch(run, views, idx)
+
+
+def _finish_batch(run: _Run, views: list[Tensor], idx: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    cfg, device = run.cfg, run.device
     if run.world > 1:
         local = cfg.batch_size // run.world
         mine = slice(run.me * local, (run.me + 1) * local)
@@ -296,8 +309,13 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
     running = 0.0
     pending: list[Tensor] = []  # per-step losses not yet read on the host
     data, bs = run.splits.train, cfg.batch_size
-    stream = None if isinstance(data, ImageSet) else iter(  # decoded ahead, in order, by the set's workers
-        data.loader([perm[i * bs : (i + 1) * bs] for i in range(run.steps_per_epoch)], pin=run.device.type == "cuda"))
+    steps, pin = [perm[i * bs : (i + 1) * bs] for i in range(run.steps_per_epoch)], run.device.type == "cuda"
+    stream: Iterator[Tensor | list[Tensor]] | None = None  # decoded ahead, in order, by the set's workers
+    if isinstance(data, StreamSet) and cfg.crops == "worker":
+        crops = [CropSpec(v.size, v.scale, v.ratio) for v in run.specs]
+        stream = data.crops(steps, crops, seed=derive_seed(run.seed, "crops", epoch), pin=pin)
+    elif isinstance(data, StreamSet):
+        stream = data.loader(steps, pin=pin)
     for i in range(run.steps_per_epoch):
         views, labels, idx = _batch(run, perm, i, next(stream) if stream is not None else None)
         progress = run.step / max(1, run.total)

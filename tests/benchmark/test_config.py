@@ -69,7 +69,7 @@ def test_hash_is_stable_semantic_and_ignores_workers_and_paths() -> None:
     a = {"pretrain": PretrainConfig(), "data": DataConfig()}
     b = {"data": DataConfig(), "pretrain": PretrainConfig()}
     assert config_hash(a) == config_hash(b)
-    assert config_hash(a) == config_hash({**a, "pretrain": dataclasses.replace(PretrainConfig(), num_workers=8)})
+    assert config_hash(a) == config_hash({**a, "pretrain": dataclasses.replace(PretrainConfig(), checkpoint_every=8)})
     assert config_hash(a) == config_hash({**a, "data": DataConfig(root="/elsewhere")})
     assert config_hash(a) != config_hash({**a, "pretrain": PretrainConfig(lr=0.051)})
 

@@ -209,3 +209,40 @@ def test_places205_and_inat2018_are_read_from_their_file_lists(tree: Path, tmp_p
     (inat / "val2018.json").write_text('{"images": []}')
     with pytest.raises(DatasetError, match=r"val2018.json is not the official annotation file \(KeyError"):
         load_raw("inat2018", str(inat))
+
+
+def test_worker_crops_follow_torchvisions_random_resized_crop_and_are_fixed_by_seed() -> None:
+    from benchmark.data.stream import rrc_box
+
+    g = torch.Generator().manual_seed(0)
+    boxes = [rrc_box(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), g) for _ in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+    frac = torch.tensor([h * w / (375 * 500) for _, _, h, w in boxes])
+    ratio = torch.tensor([w / h for _, _, h, w in boxes])
+    assert 0.07 <= float(frac.min()) and float(frac.max()) <= 1.0 and 0.74 <= float(ratio.min()) and float(ratio.max()) <= 1.35
+    from torchvision.transforms.v2 import RandomResizedCrop  # the reference: the same distribution of boxes
+
+    torch.manual_seed(0)
+    ref = [RandomResizedCrop.get_params(torch.zeros(3, 375, 500), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    ref_frac = torch.tensor([h * w / (375 * 500) for _, _, h, w in ref])
+    ref_ratio = torch.tensor([w / h for _, _, h, w in ref])
+    assert abs(float(frac.mean() - ref_frac.mean())) < 0.02 and abs(float(frac.std() - ref_frac.std())) < 0.02
+    assert abs(float(ratio.log().mean() - ref_ratio.log().mean())) < 0.02
+    assert rrc_box(10, 100, (0.9, 1.0), (1.0, 1.0), g) == (0, 45, 10, 10)  # nothing fits 10 tries: the centre at ratio 1
+    a = [rrc_box(64, 64, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert a[0] == a[1]
+
+
+def test_worker_crops_do_not_depend_on_the_number_of_workers(tree: Path) -> None:
+    from benchmark.data.stream import CropSpec
+
+    s = load_splits("imagefolder", DataConfig(root=str(tree), storage="stream")).train
+    assert isinstance(s, StreamSet)
+    batches = [torch.arange(0, 20), torch.arange(40, 50)]
+    crops = [CropSpec(32, (0.2, 1.0)), CropSpec(16, (0.05, 0.4))]
+    runs = [list(dataclasses.replace(s, workers=w).crops(batches, crops, seed=3)) for w in (0, 2)]
+    assert [[tuple(v.shape) for v in b] for b in runs[0]] == [[(20, 3, 32, 32), (20, 3, 16, 16)], [(10, 3, 32, 32), (10, 3, 16, 16)]]
+    assert all(torch.equal(a, b) for ba, bb in zip(*runs) for a, b in zip(ba, bb))
+    other = list(s.crops(batches, crops, seed=4))
+    assert not torch.equal(other[0][0], runs[0][0][0])  # another epoch's seed: other crops

@@ -61,8 +61,9 @@ class DataConfig:
     image_size: int | None = None  # resize to this (None: native size; file-based datasets: their default, e.g. 224)
     # file-based datasets (imagefolder, imagenet, webdataset, ...): the evaluation transform of each decoded image:
     # "resize_crop" (shorter side to image_size/0.875, centre crop: 256 -> 224), "resize" (to image_size square),
-    # "native", or "auto" (the dataset's own: resize_crop for the ImageNet-style ones)
-    transform: Literal["auto", "resize_crop", "resize", "native"] = hashed_if_set("auto")
+    # "vissl" (VOC07's: shorter side to image_size/0.875, then squashed to image_size, on PIL), "native", or "auto"
+    # (the dataset's own: resize_crop for the ImageNet-style ones, vissl for voc2007)
+    transform: Literal["auto", "resize_crop", "resize", "vissl", "native"] = hashed_if_set("auto")
     # where a file-based dataset's images live: "memory" (decoded once, the fast path), "stream" (decoded per batch in
     # `workers` DataLoader processes), "auto" (memory when the decoded split takes <= 2 GiB and 1/8 of this machine's
     # memory). The images, hence every number, are the same either way; the choice is recorded in each row.

@@ -10,18 +10,22 @@ decoded uint8 tensor, in the worker; the same two functions build the in-memory 
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from benchmark.data.colour import convert_channels
 from benchmark.errors import DatasetError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which the pinned GPU machine (torchvision
 # 0.26) lacks; they are the same libjpeg-turbo / libpng / libwebp. Move to torchcodec once every target machine has it.
@@ -36,10 +40,12 @@ class EvalTransform:
     """A named evaluation transform of a decoded uint8 (C, H, W) image.
 
     kind: "resize_crop" (shorter side to `resize`, centre crop `size`: ImageNet's 256 -> 224), "resize" (both sides to
-    `size`, aspect not kept: VISSL's VOC07 / Places low-shot setting), "native" (unchanged: every image must share a size).
+    `size`, aspect not kept), "vissl" (VISSL's VOC07 SVM setting on PIL images: shorter side to `resize`, then the
+    whole image squashed to `size`, bilinear; decoded with PIL as VISSL does), "native" (unchanged: every image must
+    share a size).
     """
 
-    kind: Literal["resize_crop", "resize", "native"]
+    kind: Literal["resize_crop", "resize", "vissl", "native"]
     size: int | None = None
     resize: int | None = None
 
@@ -53,17 +59,23 @@ class EvalTransform:
             return EvalTransform("resize_crop", size, round(size / IMAGENET_CROP_RATIO))
         if kind == "resize":
             return EvalTransform("resize", size)
-        raise DatasetError(f"unknown data.transform {kind!r}: use resize_crop, resize or native")
+        if kind == "vissl":
+            return EvalTransform("vissl", size, round(size / IMAGENET_CROP_RATIO))
+        raise DatasetError(f"unknown data.transform {kind!r}: use resize_crop, resize, vissl or native")
 
     def describe(self) -> str:
         """What the row and the feature key record: 'resize256-crop224', 'resize224', 'native'."""
         if self.kind == "resize_crop":
             return f"resize{self.resize}-crop{self.size}"
+        if self.kind == "vissl":
+            return f"vissl-resize{self.resize}-squash{self.size}"
         return f"resize{self.size}" if self.kind == "resize" else "native"
 
     def __call__(self, img: Tensor) -> Tensor:
         import torchvision.transforms.v2.functional as TF
 
+        if self.kind == "vissl":
+            raise TypeError("the vissl transform works on PIL images: use load_image")
         if self.kind == "resize_crop":
             assert self.resize is not None and self.size is not None
             out: Tensor = TF.center_crop(TF.resize(img, [self.resize], antialias=True), [self.size, self.size])
@@ -113,6 +125,45 @@ def decode(path: str, offset: int, size: int, channels: int) -> Tensor:
         raise DatasetError(f"{where(path, offset)}: not a decodable image ({_clean(e)}); remove or replace it") from None
 
 
+def vissl_resize(img: PILImage, scale: int = 256, size: int = 224) -> PILImage:
+    """VISSL's VOC07 SVM transform on a PIL image: torchvision Resize(scale) then Resize((size, size)), bilinear."""
+    from PIL import Image
+
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(scale * long / short)  # torchvision truncates the long side
+    new = (scale, new_long) if w <= h else (new_long, scale)
+    if new != img.size:
+        img = img.resize(new, Image.Resampling.BILINEAR)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return img
+
+
+def _pil_vissl(path: str, offset: int, size: int, t: EvalTransform) -> Tensor:
+    import numpy as np
+    from PIL import Image
+
+    try:
+        data = read_bytes(path, offset, size)
+        with Image.open(io.BytesIO(data)) as im:
+            assert t.resize is not None and t.size is not None
+            arr = np.array(vissl_resize(im.convert("RGB"), t.resize, t.size))  # a writable copy for torch
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated files included
+        raise DatasetError(f"{where(path, offset)}: not a decodable image ({e}); remove or replace it") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def load_image(s: StreamSet, i: int) -> Tensor:
+    """Image `i` of `s`, decoded and transformed, with `s.channels` channels (what both storage paths hand out)."""
+    path, offset, size = s.paths[i], int(s.offsets[i]), int(s.sizes[i])
+    if s.transform.kind == "vissl":
+        img = _pil_vissl(path, offset, size, s.transform)
+    else:
+        img = s.transform(decode(path, offset, size, s.source_channels))
+    return convert_channels(img, s.channels)  # as the in-memory path converts its decoded images
+
+
 class _Decoded(torch.utils.data.Dataset[Tensor | str]):
     """Index -> transformed uint8 image, or the one-line error as a string (a worker's exception would reach the
     main process wrapped in its traceback; the string is raised there as one line)."""
@@ -124,10 +175,8 @@ class _Decoded(torch.utils.data.Dataset[Tensor | str]):
         return len(self.s)
 
     def __getitem__(self, i: int) -> Tensor | str:
-        s = self.s
         try:
-            img = s.transform(decode(s.paths[i], int(s.offsets[i]), int(s.sizes[i]), s.source_channels))
-            return convert_channels(img, s.channels)  # as the in-memory path converts its decoded images
+            return load_image(self.s, i)
         except DatasetError as e:
             return str(e)
 

@@ -9,7 +9,8 @@ train = trainval (5,011 images), test = test (4,952); y (N, 20) with 1 = at leas
 object of the class, -1 = only difficult objects, 0 = absent (the values of VOC's per-class
 ImageSets/Main/<class>_<set>.txt files, recomputed here from the XML). Images are resized as VISSL's
 `eval_resnet_8gpu_transfer_voc07_svm.yaml` does (Resize(256) then Resize((224, 224)), bilinear on PIL, no
-crop; Goyal's `[scale, global_resize]` is the same pair) and kept as uint8 (N, 3, 224, 224).
+crop; Goyal's `[scale, global_resize]` is the same pair: the `vissl` transform of `benchmark.data.stream`); they are
+decoded once into memory as uint8 (N, 3, 224, 224) (1.5 GB), or streamed with data.storage=stream.
 
 The XML is parsed with `xml.etree.ElementTree`, not defusedxml (not a dependency): the files are local
 copies of the official tarballs, expat never fetches external entities, and expat >= 2.4.1 refuses
@@ -19,25 +20,22 @@ entity-expansion bombs.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from benchmark.data.sets import DatasetSpec, ImageSet, RawDataset
+from benchmark.data.files import fingerprint_files
+from benchmark.data.sets import DatasetSpec, RawDataset
+from benchmark.data.stream import EvalTransform, StreamSet
 from benchmark.errors import DatasetError
 from benchmark.registry import register_dataset
 
 if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
+    pass
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -169,52 +167,6 @@ def read_image_set(root: str | Path, year: str | int, image_set: str) -> list[st
 # --------------------------------------------------------------------------- images
 
 
-def vissl_resize(img: PILImage) -> PILImage:
-    """VISSL's VOC07 SVM transform on a PIL image: torchvision Resize(256) then Resize((224, 224)), bilinear."""
-    from PIL import Image
-
-    w, h = img.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(SCALE * long / short)  # torchvision truncates the long side
-    size = (SCALE, new_long) if w <= h else (new_long, SCALE)
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    if img.size != (SIZE, SIZE):
-        img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-    return img
-
-
-def read_images(paths: Sequence[Path], workers: int | None = None) -> tuple[Tensor, bytes]:
-    """Decode JPEGs to RGB, resize them with `vissl_resize`, and hash their bytes, on a thread pool.
-
-    Returns:
-        x: (N, 3, 224, 224) uint8; digest: sha256 over the per-file sha256s, in order.
-    """
-    from PIL import Image
-
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DatasetError(f"{len(missing)} image(s) missing, e.g. {missing[0]}")
-    x = torch.empty(len(paths), 3, SIZE, SIZE, dtype=torch.uint8)
-    digests: list[bytes] = [b""] * len(paths)
-
-    def load(i: int) -> None:  # PIL releases the GIL while decoding and resizing
-        try:
-            data = paths[i].read_bytes()
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.array(vissl_resize(im.convert("RGB")))  # a writable copy for torch
-        except OSError as e:  # includes PIL.UnidentifiedImageError and truncated files
-            raise DatasetError(f"image {paths[i]} is unreadable or corrupt: {e}") from None
-        x[i].copy_(torch.from_numpy(arr).permute(2, 0, 1))
-        digests[i] = hashlib.sha256(data).digest()
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = workers or min(32, cores)
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(load, range(len(paths))))  # list() re-raises the first worker error
-    return x, hashlib.sha256(b"".join(digests)).digest()
-
-
 # --------------------------------------------------------------------------- dataset
 
 _TARBALLS = {("2007", "trainval"): "VOCtrainval_06-Nov-2007.tar", ("2007", "test"): "VOCtest_06-Nov-2007.tar"}
@@ -236,7 +188,7 @@ def load_voc_classification(root: Path, year: str = "2007", sets: tuple[str, str
     both = set(parts[0][1]) & set(parts[1][1])
     if both:
         raise DatasetError(f"{sets[0]} and {sets[1]} share {len(both)} image ids (e.g. {min(both)}): wrong image-set files")
-    sets_out = []
+    sets_out, paths = [], []
     for _, ids in parts:
         labels = []
         for i in ids:
@@ -245,10 +197,16 @@ def load_voc_classification(root: Path, year: str = "2007", sets: tuple[str, str
             h.update(data)
             labels.append(image_labels(_parse_annotation_bytes(data, path), path))
         y = torch.tensor(labels, dtype=torch.int64).reshape(len(ids), len(VOC_CLASSES))
-        x, img_digest = read_images([base / "JPEGImages" / f"{i}.jpg" for i in ids])
-        h.update(img_digest)
-        sets_out.append(ImageSet(x, y))
-    return RawDataset(sets_out[0], sets_out[1], len(VOC_CLASSES), h.hexdigest()[:16])
+        files = [str(base / "JPEGImages" / f"{i}.jpg") for i in ids]
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) missing, e.g. {missing[0]}")
+        paths += files
+        n = len(files)
+        sets_out.append(StreamSet(tuple(files), torch.full((n,), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), y,
+                                  EvalTransform.named("vissl", SIZE)))
+    source = fingerprint_files(paths, base, extra=h.hexdigest())  # every image file, and the listings and annotations
+    return RawDataset(sets_out[0], sets_out[1], len(VOC_CLASSES), source, default_size=SIZE, default_transform="vissl")
 
 
 register_dataset("voc2007")(

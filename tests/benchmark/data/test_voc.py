@@ -14,7 +14,8 @@ from sklearn.datasets import load_digits
 import benchmark.data.voc  # noqa: F401  (registers voc2007)
 from benchmark.config import DataConfig
 from benchmark.data.datasets import load_raw, load_splits
-from benchmark.data.voc import VOC_CLASSES, Annotation, VocObject, image_labels, parse_annotation, read_image_set, vissl_resize
+from benchmark.data.stream import vissl_resize
+from benchmark.data.voc import VOC_CLASSES, Annotation, VocObject, image_labels, parse_annotation, read_image_set
 from benchmark.errors import DatasetError
 from benchmark.registry import DATASETS
 
@@ -77,8 +78,12 @@ def make_devkit(root: Path, trainval: dict[str, list[Obj]], test: dict[str, list
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kw: object) -> None:
-        raise AssertionError("network access attempted")
+    real = socket.socket.connect
+
+    def refuse(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError("network access attempted")
+        real(self, address)  # Unix sockets: how DataLoader workers hand tensors back
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
@@ -142,12 +147,13 @@ def test_voc2007_labels_images_and_both_root_forms(devkit: Path) -> None:
     raw = load_raw("voc2007", str(devkit))
     assert raw.num_classes == 20
     assert torch.equal(raw.train.y, expected_labels(TRAINVAL)) and torch.equal(raw.test.y, expected_labels(TEST))
-    assert raw.train.x.shape == (6, 3, 224, 224) and raw.test.x.shape == (4, 3, 224, 224)
-    assert raw.train.x.dtype == torch.uint8 and raw.train.y.dtype == torch.int64
-    gray = raw.test.x[3]  # 000010 is a grayscale JPEG: converted to three equal channels
+    train, test = raw.train.materialise(), raw.test.materialise()  # type: ignore[union-attr]
+    assert train.shape == (6, 3, 224, 224) and test.shape == (4, 3, 224, 224)
+    assert train.dtype == torch.uint8 and raw.train.y.dtype == torch.int64
+    gray = test[3]  # 000010 is a grayscale JPEG: converted to three equal channels
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and gray.float().std() > 10
     other = load_raw("voc2007", str(devkit / "VOC2007"))
-    assert torch.equal(other.train.x, raw.train.x) and torch.equal(other.test.y, raw.test.y)
+    assert torch.equal(other.train.materialise(), train) and torch.equal(other.test.y, raw.test.y)  # type: ignore[union-attr]
     assert other.source_hash == raw.source_hash
     assert load_raw("voc2007", str(devkit.parent)).source_hash == raw.source_hash  # the folder holding VOCdevkit
 
@@ -157,9 +163,10 @@ def test_images_match_visslss_torchvision_transform(devkit: Path) -> None:
 
     vissl = T.Compose([T.Resize(256), T.Resize((224, 224)), T.PILToTensor()])  # eval_resnet_8gpu_transfer_voc07_svm.yaml
     raw = load_raw("voc2007", str(devkit))
+    train = raw.train.materialise()  # type: ignore[union-attr]
     for row, image_id in enumerate(TRAINVAL):
         with Image.open(devkit / "VOC2007" / "JPEGImages" / f"{image_id}.jpg") as im:
-            assert torch.equal(raw.train.x[row], vissl(im.convert("RGB")))
+            assert torch.equal(train[row], vissl(im.convert("RGB")))
 
 
 def test_resize_squashes_the_whole_image_without_cropping() -> None:
@@ -197,6 +204,11 @@ def test_load_splits_end_to_end_with_multilabel_y(tmp_path: Path) -> None:
     assert len(set(s.val_ids.tolist())) == 20
     assert all(0 < m < 1 for m in s.mean) and all(sd > 0.01 for sd in s.std)
     assert set(s.train.y.flatten().tolist()) == {-1, 0, 1}
+    assert (s.storage, s.transform) == ("memory", "vissl-resize37-squash32")
+    streamed = load_splits("voc2007", DataConfig(root=str(root), image_size=32, storage="stream"))  # issue 19: when asked
+    assert streamed.storage == "stream (2 workers)" and streamed.fingerprint == s.fingerprint and streamed.mean == s.mean
+    for a, b in ((s.train, streamed.train), (s.val, streamed.val), (s.test, streamed.test)):
+        assert torch.equal(torch.cat(list(b.batches(7))), a.x) and torch.equal(a.y, b.y)
 
 
 def test_data_root_from_environment_and_missing_root_message(devkit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,8 +251,8 @@ def test_missing_folder_image_or_annotation_and_corrupt_jpeg(devkit: Path, tmp_p
         load_raw("voc2007", str(tmp_path / "absent"))
     jpgs = devkit / "VOC2007" / "JPEGImages"
     (jpgs / "000005.jpg").write_bytes((jpgs / "000005.jpg").read_bytes()[:200])  # truncated
-    with pytest.raises(DatasetError, match=re.escape(str(jpgs / "000005.jpg")) + " is unreadable or corrupt"):
-        load_raw("voc2007", str(devkit))
+    with pytest.raises(DatasetError, match=re.escape(str(jpgs / "000005.jpg")) + r": not a decodable image \("):
+        load_splits("voc2007", DataConfig(root=str(devkit), val_fraction=0.5))  # decoded into memory: found at planning
     (jpgs / "000005.jpg").unlink()
     with pytest.raises(DatasetError, match=r"1 image\(s\) missing, e\.g\. " + re.escape(str(jpgs / "000005.jpg"))):
         load_raw("voc2007", str(devkit))

@@ -251,8 +251,10 @@ register_dataset("inat2018")(DatasetSpec(_load_inat2018, None, f"Point --data-ro
 
 # --------------------------------------------------------------------------- WebDataset shards
 
-WDS_LAYOUT = ("WebDataset shards: DIR/train-*.tar and DIR/val-*.tar (or test-*.tar), each sample an image member "
-              "(KEY.jpg/.jpeg/.png/.webp) and its class index (KEY.cls, as text); optional DIR/classes.txt, one name per line")
+WDS_LAYOUT = ("WebDataset shards: DIR/train-*.tar and DIR/val-*.tar (or test-*.tar), or the brace patterns in "
+              "DIR/shards.json ({\"train\": \"train-{000000..000146}.tar\", \"test\": \"val-{000000..000006}.tar\"}, relative "
+              "to DIR); each sample an image member (KEY.jpg/.jpeg/.png/.webp) and its class index (KEY.cls, as text); "
+              "optional DIR/classes.txt, one name per line")
 
 
 def _index_shard(path: str) -> tuple[list[int], list[int], list[int]]:
@@ -314,10 +316,32 @@ def _shards(root: Path, prefixes: tuple[str, ...]) -> list[str]:
     return []
 
 
+def _patterns(root: Path) -> tuple[list[str], list[str]]:
+    """The shard lists of DIR/shards.json: brace patterns (webdataset's, via braceexpand) expanded, each shard present."""
+    import json
+
+    from braceexpand import braceexpand
+
+    f = root / "shards.json"
+    try:
+        spec = json.loads(f.read_text())
+        lists = [[str(root / p) for p in braceexpand(spec[split])] for split in ("train", "test")]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{f} must hold {{\"train\": PATTERN, \"test\": PATTERN}} ({type(e).__name__}: {e})") from None
+    for shards in lists:
+        missing = [p for p in shards if not os.path.isfile(p)]
+        if missing:
+            raise DatasetError(f"{f}: {len(missing)} of its {len(shards)} shards are missing ({missing[0]}, ...)")
+    return lists[0], lists[1]
+
+
 def _load_webdataset(root: Path) -> RawDataset:
     if not root.is_dir():
         raise DatasetError(f"webdataset root {root} is not a folder; expected {WDS_LAYOUT}")
-    train, test = _shards(root, ("train",)), _shards(root, ("val", "test"))
+    if (root / "shards.json").is_file():
+        train, test = _patterns(root)
+    else:
+        train, test = _shards(root, ("train",)), _shards(root, ("val", "test"))
     if not train or not test:
         raise DatasetError(f"webdataset root {root} has no {'train' if not train else 'val/test'} shards; expected {WDS_LAYOUT}")
     sets = []

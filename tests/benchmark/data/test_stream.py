@@ -79,6 +79,13 @@ def test_webdataset_shards_give_the_image_folders_features(tree: Path, tmp_path:
     assert b.num_classes == 10 and torch.equal(a.train.y, b.train.y) and a.mean == b.mean
     fa, fb = _features(a), _features(b)
     assert all(torch.equal(fa[k], fb[k]) for k in ("train", "val", "test"))
+    globbed = load_raw("webdataset", str(shards))
+    (shards / "shards.json").write_text('{"train": "train-{000000..000004}.tar", "test": "val-{000000..000001}.tar"}')
+    by_pattern = load_raw("webdataset", str(shards))  # brace patterns naming the same shards: the same dataset
+    assert by_pattern.source_hash == globbed.source_hash and torch.equal(by_pattern.train.y, globbed.train.y)
+    (shards / "shards.json").write_text('{"train": "train-{000000..000009}.tar", "test": "val-{000000..000001}.tar"}')
+    with pytest.raises(DatasetError, match=r"shards.json: 5 of its 10 shards are missing \(.*train-000005.tar"):
+        load_raw("webdataset", str(shards))
 
 
 def test_every_file_is_in_the_fingerprint_and_hashed_once(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,3 +97,30 @@ def test_pretraining_with_worker_crops_runs_reproducibly_and_needs_a_streamed_se
     assert [(h["loss"], h["rankme"]) for h in pd.read_json(meta, typ="series")["history"]] != losses[0]  # other views
     r = run_cli(*base, "--out", str(tmp_path / "mem"), env=env)
     assert r.returncode == 2 and "pretrain.crops=worker crops views from the full decoded images of a streamed set" in r.stderr
+
+
+def test_feature_extraction_split_over_parts_then_the_grid_reads_the_stores(ilsvrc: Path, tmp_path: Path) -> None:
+    """Issue 19: N processes (SLURM array tasks, GPUs) each extract their shards; the grid then reads complete stores."""
+    torch.manual_seed(0)
+    ck = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ck)
+    env = {"SSLBENCH_CACHE": str(tmp_path / "cache")}
+    grid = ["--checkpoint", f"r18={ck}@resnet18", "--datasets", "imagenet", "--data-root", str(ilsvrc), "--protocols", "knn",
+            "--set", "data.image_size=32", "--set", "eval.shard_rows=500"]
+    out = tmp_path / "parts"
+    first = run_cli(*grid, "--out", str(out), "--extract-part", "1/2", env=env)
+    # train, val and test hold 1000 images each (val: one per class, carved from train): 2 shards of 500 each
+    assert first.returncode == 0 and "3 feature shards extracted (part 1 of 2)" in first.stdout, first.stdout + first.stderr
+    assert not list(out.rglob("manifest.json")) and not (out / "results.csv").exists()  # shard 0 of each store only
+    second = run_cli(*grid, "--out", str(out), "--extract-part", "2/2", env=env)
+    assert second.returncode == 0 and "3 feature shards extracted (part 2 of 2)" in second.stdout, second.stdout + second.stderr
+    assert len(list(out.rglob("manifest.json"))) == 3  # the last part to finish each store wrote its manifest
+    shards = {p: p.stat().st_mtime_ns for p in out.rglob("shard-*.npy")}
+    r = run_cli(*grid, "--out", str(out), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("shard-*.npy")} == shards  # read, not recomputed
+    whole = run_cli(*grid, "--out", str(tmp_path / "whole"), env=env)
+    a, b = (pd.read_csv(d / "results.csv").set_index("metric").value for d in (out, tmp_path / "whole"))
+    assert whole.returncode == 0 and a.equals(b)
+    bad = run_cli(*grid, "--out", str(out), "--extract-part", "3/2", env=env)
+    assert bad.returncode == 2 and "--extract-part '3/2': I must be in 1..N" in bad.stderr

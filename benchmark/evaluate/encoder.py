@@ -144,16 +144,12 @@ def extract_features(encoder: Encoder, images: Images, batch_size: int | None = 
     shard by shard (a killed extraction resumes at its first missing shard). A store that cannot be written (a full
     disk) costs a recomputation next time, not the cell.
     """
-    cache_dir = getattr(encoder, "cache_dir", None)
     memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
     if memo is not None and name in memo:
         return memo[name]
     bs = batch_size or int(getattr(encoder, "batch_size", 512))
     dtype = str(getattr(encoder, "feature_dtype", "float32"))
-    store = None
-    if cache_dir is not None and name:
-        store = FeatureStore(Path(cache_dir) / f"{getattr(encoder, 'cache_key', 'enc')}-{name}", len(images), encoder.dim, dtype,
-                             int(getattr(encoder, "shard_rows", SHARD_ROWS)))
+    store = _store_of(encoder, images, name)
     out = _stored(store, encoder, images, bs, name) if store is not None else None
     if out is None:
         out = _extract(encoder, images, range(len(images)), bs)
@@ -163,6 +159,29 @@ def extract_features(encoder: Encoder, images: Images, batch_size: int | None = 
     if memo is not None and name:
         memo[name] = out
     return out
+
+
+def _store_of(encoder: Encoder, images: Images, name: str) -> FeatureStore | None:
+    cache_dir = getattr(encoder, "cache_dir", None)
+    if cache_dir is None or not name:
+        return None
+    return FeatureStore(Path(cache_dir) / f"{getattr(encoder, 'cache_key', 'enc')}-{name}", len(images), encoder.dim,
+                        str(getattr(encoder, "feature_dtype", "float32")), int(getattr(encoder, "shard_rows", SHARD_ROWS)))
+
+
+def extract_shards(encoder: Encoder, images: Images, name: str, part: int, parts: int) -> int:
+    """Extract only the shards k ≡ `part` (mod `parts`) of the store `extract_features` would fill, so that `parts`
+    processes (SLURM array tasks, GPUs) share one extraction; the one that finds every shard valid writes the
+    manifest. Returns the number of shards written."""
+    store = _store_of(encoder, images, name)
+    if store is None:
+        raise ValueError("extract_shards needs an encoder with a cache_dir (the feature store) and a name")
+    todo = store.todo(part, parts)
+    for k in todo:
+        store.write(k, _finite(_extract(encoder, images, store.rows(k), int(getattr(encoder, "batch_size", 512))), name))
+    if not store.complete() and not store.todo():
+        store.finish()
+    return len(todo)
 
 
 def _stored(store: FeatureStore, encoder: Encoder, images: Images, bs: int, name: str) -> Tensor | None:

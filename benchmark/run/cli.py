@@ -19,7 +19,7 @@ from benchmark.device import default_device, describe
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.registry import BACKBONES, DATASETS, METHODS, PROTOCOLS, SUITES, discover
 from benchmark.run.executor import EXECUTORS, SlurmConfig, make_executor
-from benchmark.run.runner import CheckpointSpec, Request, TablesNotWritten, plan, run
+from benchmark.run.runner import CheckpointSpec, Request, TablesNotWritten, extract_part, plan, run
 from benchmark.run.suites import Suite
 from benchmark.store.io import check_writable_dir, check_writable_file
 
@@ -65,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a folder holding methods/*.py and/or protocols/*.py to register beside the built-in plugins "
                         "(repeatable; the same as $SSLBENCH_PLUGINS, which jobs inherit)")
     p.add_argument("--force", action="store_true", help="rerun cells that already have results")
+    p.add_argument("--extract-part", metavar="I/N", help="only extract part I of N (1-based) of the frozen features the cells "
+                   "read, e.g. one SLURM array task or GPU each; then run the same command without it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
     return p
@@ -237,6 +239,18 @@ class Terminated(BaseException):
     """SIGTERM (a scheduler's or `kill`'s), raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
 
 
+def _part(raw: str) -> tuple[int, int]:
+    """'I/N' (1-based) -> (I - 1, N), or ConfigError."""
+    i, _, n = raw.partition("/")
+    try:
+        part, parts = int(i), int(n)
+    except ValueError:
+        raise ConfigError(f"--extract-part {raw!r}: give I/N, e.g. 1/4") from None
+    if not 1 <= part <= parts:
+        raise ConfigError(f"--extract-part {raw!r}: I must be in 1..N")
+    return part - 1, parts
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -281,6 +295,11 @@ def _main(argv: list[str]) -> int:
             print(report)
         out = Path(req.out)
         check_writable_dir(out, "--out")  # after planning (a bad request leaves nothing), before any work
+        if args.extract_part:
+            part, parts = _part(args.extract_part)
+            n = extract_part(p, part, parts)
+            print(f"{n} feature shards extracted (part {part + 1} of {parts}); run the command without --extract-part when every part is done")
+            return 0
         print(f"sslbench: suite {req.suite}, {len(req.methods)} methods x {len(req.protocols)} protocols x "
               f"{len(req.datasets)} datasets x {len(req.seeds)} seeds on {describe(torch.device(req.device))} -> {out}/")
         t0 = time.perf_counter()

@@ -555,6 +555,35 @@ def _job_note(job: Job[Any], executor: Executor, kind: str) -> dict[str, Any]:
 Outcome = tuple[EvalTask, "Job[Any] | None", "BaseException | None"]  # a cell, its evaluation job, or why it has none
 
 
+def extract_part(p: Plan, part: int, parts: int, echo: Any = print) -> int:
+    """Extract part `part` of `parts` of the feature stores the plan's cells read (shards k ≡ part mod parts), for
+    every encoder that exists already (imported checkpoints, finished pretrainings). `parts` of these run at once
+    (SLURM array tasks, one per GPU); the grid's own command then finds the stores complete. Holds no --out lock:
+    each part writes only its own shard files, atomically. Returns the number of shards written."""
+    from benchmark.evaluate.encoder import extract_shards
+
+    done: set[tuple[str, str]] = set()
+    written = 0
+    for task in p.evals:
+        pt = task.pretrain
+        if (pt.run_dir, pt.dataset) in done:
+            continue
+        done.add((pt.run_dir, pt.dataset))
+        if not task.eval_cfg.cache:
+            raise ConfigError("--extract-part fills the feature store: it needs eval.cache=true")
+        if pt.checkpoint is None and not (Path(pt.run_dir) / "encoder.safetensors").is_file():
+            echo(f"{pt.label}: not pretrained yet, nothing to extract (run the grid's pretraining first)")
+            continue
+        splits = load_splits(pt.dataset, pt.data)
+        encoder = load_encoder(pt, splits, torch.device(pt.device), task.eval_cfg)
+        if pt.checkpoint is not None:
+            splits = adapt_channels(splits, encoder.module)
+        n = sum(extract_shards(encoder, getattr(splits, s), f"{splits.fingerprint}-{s}", part, parts) for s in ("train", "val", "test"))
+        echo(f"{pt.label}: {n} feature shards extracted (part {part + 1} of {parts})")
+        written += n
+    return written
+
+
 def run(p: Plan, executor: Executor, out: Path, force: bool = False, echo: Any = print, poll_s: float = 2.0) -> Summary:
     """Run the grid: every pretraining task that a missing cell needs (one job array), and, as soon as an
     encoder is ready, its evaluation cells (one array per encoder). Collects every job on its own (a failed or

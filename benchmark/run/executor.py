@@ -211,7 +211,10 @@ class SubmititJob(Generic[T]):
 class SubmititExecutor:
     """`slurm` or `debug` through submitit; logs and pickles under `folder/<job id>/`."""
 
-    def __init__(self, cluster: str, folder: Path, cfg: SlurmConfig | None = None) -> None:
+    def __init__(self, cluster: str, folder: Path, cfg: SlurmConfig | None = None, timeout_s: float | None = None) -> None:
+        """cluster: "slurm", "debug" (in this process), or "local" (submitit's local subprocesses, with its time limit,
+        USR2 signal and requeue as on SLURM: where the reliability tests run without a cluster). timeout_s: the
+        local cluster's time limit in seconds (default cfg.timeout_min), signalled 2 s ahead."""
         import submitit
 
         self.name = cluster
@@ -219,10 +222,14 @@ class SubmititExecutor:
         self.cfg = cfg or SlurmConfig()
         self._executors: dict[str, Any] = {}
         for kind in ("pretrain", "eval"):
-            ex = submitit.AutoExecutor(folder=self.folder / "%j", cluster=cluster,
-                                       slurm_max_num_timeout=self.cfg.max_requeues)
-            if cluster == "slurm":
-                ex.update_parameters(**self._parameters(kind))
+            ex: Any
+            if cluster == "local":
+                ex = submitit.LocalExecutor(folder=self.folder / "%j", max_num_timeout=self.cfg.max_requeues)
+                ex.update_parameters(timeout_min=(timeout_s / 60) if timeout_s else self.cfg.timeout_min, signal_delay_s=2)
+            else:
+                ex = submitit.AutoExecutor(folder=self.folder / "%j", cluster=cluster, slurm_max_num_timeout=self.cfg.max_requeues)
+                if cluster == "slurm":
+                    ex.update_parameters(**self._parameters(kind))
             self._executors[kind] = ex
 
     def _parameters(self, kind: str) -> dict[str, Any]:

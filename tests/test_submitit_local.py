@@ -40,13 +40,16 @@ def test_t10_an_array_with_a_raising_and_a_killed_task_keeps_the_others(tmp_path
     assert errors[2] is not None and type(errors[2]).__name__ in ("UncompletedJobError", "FailedJobError")
 
 
-def test_t2_a_pretraining_at_its_time_limit_is_requeued_and_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    ov = {**TINY, "pretrain": {**TINY["pretrain"], "epochs": 40, "checkpoint_every": 1}}
+def test_t2_a_pretraining_at_its_time_limit_is_requeued_and_equals_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs inherit it: one core each, so an epoch's time is predictable
+    # 200 epochs of about 0.15 s (2 cores, 2026-12-03): more than one 15 s attempt even on a machine twice as fast,
+    # and within the 20 requeues on one half as fast
+    ov = {**TINY, "pretrain": {**TINY["pretrain"], "epochs": 200, "checkpoint_every": 1}}
     tasks = [plan(Request(methods=("simclr",), protocols=("knn",), datasets=("digits",), seeds=(0,), overrides=ov,
                           out=str(tmp_path / name), suite="test", progress=False)).pretrain[0] for name in ("ref", "limited")]
     # the reference through the same kind of job (the same thread settings), without a time limit that it reaches
     (ref_job,) = SubmititExecutor("local", tmp_path / "ref-jobs", SlurmConfig(timeout_min=10)).map(run_pretrain, [tasks[0]], kind="pretrain")
-    ex = SubmititExecutor("local", tmp_path / "jobs", SlurmConfig(max_requeues=6), timeout_s=9)
+    ex = SubmititExecutor("local", tmp_path / "jobs", SlurmConfig(max_requeues=20), timeout_s=15)  # USR2 at 13 s
     (job,) = ex.map(run_pretrain, [tasks[1]], kind="pretrain")
     assert job.exception() is None and ref_job.exception() is None
     meta, ref = job.result(), ref_job.result()

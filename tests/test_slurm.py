@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from benchmark.run.executor import SlurmConfig, SubmititExecutor
 from benchmark.run.runner import Request, plan, run, run_pretrain
 from benchmark.run.status import grid_status
+from tests.jobs import TINY, check_a_raising_and_a_killed_task_keep_the_others
 
 # functions defined here run inside jobs, whose python cannot import this test module: ship them by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -32,8 +32,6 @@ if not HAVE_SLURM and os.environ.get("SSLBENCH_REQUIRE_SLURM") == "1":
     raise RuntimeError("SSLBENCH_REQUIRE_SLURM=1 but sbatch/sacct are missing: the SLURM tests must run here")
 pytestmark = pytest.mark.skipif(not HAVE_SLURM, reason="no SLURM here (bash scripts/slurm-local.sh up starts one)")
 
-TINY = {"data": {"image_size": 16}, "pretrain": {"backbone": "convnet_tiny", "epochs": 1, "batch_size": 64, "deterministic": True},
-        "simclr": {"proj_hidden_dim": 32, "proj_dim": 16}}
 FAST = SlurmConfig(timeout_min=10, cpus_per_task=1, array_parallelism=4)
 
 
@@ -73,24 +71,11 @@ def test_a_grid_runs_on_slurm_one_failing_cell_per_array_and_a_rerun_submits_onl
     assert set(grid_status(tmp_path).state) == {"done"}
 
 
-def _square_or_fail(x: int) -> int:
-    if x == 1:
-        raise ValueError(f"bad cell {x}")
-    if x == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x * x
-
-
 def test_an_array_with_a_raising_and_a_killed_task_keeps_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import submitit
 
     monkeypatch.setattr(submitit.slurm.slurm.SlurmJob, "_results_timeout_s", 2)
-    jobs = _executor(tmp_path).map(_square_or_fail, [0, 1, 2, 3])
-    errors = [j.exception() for j in jobs]  # collected one by one, never [j.result() for j in jobs]
-    assert errors[0] is None and errors[3] is None and (jobs[0].result(), jobs[3].result()) == (0, 9)
-    assert getattr(errors[1], "remote_type", "") == "ValueError" and str(errors[1]) == "bad cell 1"
-    assert errors[2] is not None and type(errors[2]).__name__ in ("UncompletedJobError", "FailedJobError")
-    assert all(Path(j.log).parent.is_dir() for j in jobs)
+    check_a_raising_and_a_killed_task_keep_the_others(_executor(tmp_path))
 
 
 def _wait(cond: Any, what: str, timeout: float = 240) -> None:

@@ -4,7 +4,6 @@ requeue), so that they run where no SLURM is: tests/test_slurm.py runs the same 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,30 +13,16 @@ import pytest
 
 from benchmark.run.executor import SlurmConfig, SubmititExecutor
 from benchmark.run.runner import Request, plan, run_pretrain
+from tests.jobs import TINY, check_a_raising_and_a_killed_task_keep_the_others
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the functions below run inside jobs
-
-TINY = {"data": {"image_size": 16}, "pretrain": {"backbone": "convnet_tiny", "epochs": 1, "batch_size": 64, "deterministic": True},
-        "simclr": {"proj_hidden_dim": 32, "proj_dim": 16}}
-
-
-def _square_or_fail(x: int) -> int:
-    if x == 1:
-        raise ValueError(f"bad cell {x}")
-    if x == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x * x
 
 
 def test_t10_an_array_with_a_raising_and_a_killed_task_keeps_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import submitit
 
     monkeypatch.setattr(submitit.local.local.LocalJob, "_results_timeout_s", 2)
-    jobs = SubmititExecutor("local", tmp_path / "jobs", SlurmConfig(timeout_min=5)).map(_square_or_fail, [0, 1, 2, 3])
-    errors = [j.exception() for j in jobs]  # collected one by one, never [j.result() for j in jobs]
-    assert errors[0] is None and errors[3] is None and (jobs[0].result(), jobs[3].result()) == (0, 9)
-    assert getattr(errors[1], "remote_type", "") == "ValueError" and str(errors[1]) == "bad cell 1"
-    assert errors[2] is not None and type(errors[2]).__name__ in ("UncompletedJobError", "FailedJobError")
+    check_a_raising_and_a_killed_task_keep_the_others(SubmititExecutor("local", tmp_path / "jobs", SlurmConfig(timeout_min=5)))
 
 
 def test_t2_a_pretraining_at_its_time_limit_is_requeued_and_equals_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -311,12 +311,13 @@ class StreamSet:
     def with_transform(self, transform: EvalTransform) -> StreamSet:
         return replace(self, transform=transform)
 
-    def loader(self, batches: Sequence[Tensor], pin: bool = False) -> Iterator[Tensor]:
-        """uint8 (B, C, H, W) for each index batch in `batches`, decoded ahead in `workers` processes, in order."""
+    def _run(self, dataset: torch.utils.data.Dataset[Any], collate: Any, batches: Sequence[Tensor], pin: bool) -> Iterator[Any]:
+        """`dataset`'s items for each index batch, collated, made ahead in `workers` processes, in order; an item's
+        one-line error (a string) is raised here as DatasetError."""
         if not batches:
             return
         dl = torch.utils.data.DataLoader(
-            _Decoded(self), batch_sampler=[b.tolist() for b in batches], num_workers=self.workers, collate_fn=_collate,
+            dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers, collate_fn=collate,
             pin_memory=pin, worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=4 if self.workers else None)
         for out in dl:
@@ -324,19 +325,14 @@ class StreamSet:
                 raise DatasetError(out)
             yield out
 
+    def loader(self, batches: Sequence[Tensor], pin: bool = False) -> Iterator[Tensor]:
+        """uint8 (B, C, H, W) for each index batch in `batches`, decoded ahead in `workers` processes, in order."""
+        yield from self._run(_Decoded(self), _collate, batches, pin)
+
     def crops(self, batches: Sequence[Tensor], crops: Sequence[CropSpec], seed: int, pin: bool = False) -> Iterator[list[Tensor]]:
         """For each index batch, one uint8 (B, C, size, size) tensor per `CropSpec`, cropped from the full decoded images
         in `workers` processes (pretraining with pretrain.crops=worker)."""
-        if not batches:
-            return
-        dl = torch.utils.data.DataLoader(
-            _Cropped(self, crops, seed), batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
-            collate_fn=_collate_views, pin_memory=pin, worker_init_fn=_worker_init if self.workers else None,
-            prefetch_factor=4 if self.workers else None)
-        for out in dl:
-            if isinstance(out, str):
-                raise DatasetError(out)
-            yield out
+        yield from self._run(_Cropped(self, crops, seed), _collate_views, batches, pin)
 
     def batches(self, batch_size: int, pin: bool = False) -> Iterator[Tensor]:
         n = len(self)

@@ -179,7 +179,7 @@ def extract_shards(encoder: Encoder, images: Images, name: str, part: int, parts
     todo = store.todo(part, parts)
     for k in todo:
         store.write(k, _finite(_extract(encoder, images, store.rows(k), int(getattr(encoder, "batch_size", 512))), name))
-    if not store.complete() and not store.todo():
+    if not store.todo():  # every shard valid: this part was the last (a manifest already there is rewritten alike)
         store.finish()
     return len(todo)
 
@@ -187,13 +187,12 @@ def extract_shards(encoder: Encoder, images: Images, name: str, part: int, parts
 def _stored(store: FeatureStore, encoder: Encoder, images: Images, bs: int, name: str) -> Tensor | None:
     """The store's features, extracting its missing shards first. A shard that cannot be written (a full disk) is
     kept in memory and the store is left incomplete; None where the store cannot be read at all (recompute)."""
-    try:
-        if store.complete():
-            return store.load()
-        todo = store.todo()
-    except (OSError, ValueError) as e:
-        log.warning("feature store %s unreadable (%s); going on without it", store.path, e)
-        return None
+    if store.manifest_matches():
+        try:
+            return store.load()  # one read of each shard, checked against its sidecar as it is read
+        except (OSError, ValueError) as e:
+            log.warning("feature store %s damaged (%s); extracting its bad shards again", store.path.name, e)
+    todo = store.todo()
     if todo and len(todo) < store.n_shards:
         log.info("feature store %s: resuming, %d of %d shards to extract", store.path.name, len(todo), store.n_shards)
     kept: dict[int, Tensor] = {}

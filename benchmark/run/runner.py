@@ -424,6 +424,14 @@ def load_encoder(task: PretrainTask, splits: Any, device: torch.device, eval_cfg
                          shard_rows=eval_cfg.shard_rows)
 
 
+def evaluation_inputs(pt: PretrainTask, eval_cfg: C.EvalConfig, device: torch.device) -> tuple[Any, FrozenEncoder, Any]:
+    """(the dataset's splits, the frozen encoder, the splits as its protocols see them: an imported checkpoint's
+    channel count): what an evaluation cell reads, and so what `extract_part` extracts for it."""
+    data = load_splits(pt.dataset, pt.data)
+    encoder = load_encoder(pt, data, device, eval_cfg)
+    return data, encoder, adapt_channels(data, encoder.module) if pt.checkpoint is not None else data
+
+
 def _state_fingerprint(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -460,14 +468,11 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     if meta["status"] == "diverged":
         rows = [Row("diverged", float("nan"), extra={"step": meta.get("diverged_at"), "because": meta.get("diverged_because") or "loss not finite"})]
     else:
-        splits = load_splits(pt.dataset, pt.data)
-        prov["dataset_fingerprint"] = splits.fingerprint
-        prov["data_storage"], prov["data_transform"] = splits.storage, splits.transform or None
-        prov["n_train"] = len(splits.train) + len(splits.val)
-        encoder = load_encoder(pt, splits, device, task.eval_cfg)
+        data, encoder, splits = evaluation_inputs(pt, task.eval_cfg, device)
+        prov["dataset_fingerprint"] = data.fingerprint
+        prov["data_storage"], prov["data_transform"] = data.storage, data.transform or None
+        prov["n_train"] = len(data.train) + len(data.val)
         prov["feature_dtype"] = encoder.feature_dtype
-        if pt.checkpoint is not None:
-            splits = adapt_channels(splits, encoder.module)
         before = _state_fingerprint(encoder.module)
         ctx = EvalContext(out=Path(pt.out), progress=pt.progress, device=device)
         rows = PROTOCOLS.get(task.protocol)(encoder, splits, task.protocol_cfg, pt.seed, ctx)
@@ -574,10 +579,7 @@ def extract_part(p: Plan, part: int, parts: int, echo: Any = print) -> int:
         if pt.checkpoint is None and not (Path(pt.run_dir) / "encoder.safetensors").is_file():
             echo(f"{pt.label}: not pretrained yet, nothing to extract (run the grid's pretraining first)")
             continue
-        splits = load_splits(pt.dataset, pt.data)
-        encoder = load_encoder(pt, splits, torch.device(pt.device), task.eval_cfg)
-        if pt.checkpoint is not None:
-            splits = adapt_channels(splits, encoder.module)
+        _, encoder, splits = evaluation_inputs(pt, task.eval_cfg, torch.device(pt.device))
         n = sum(extract_shards(encoder, getattr(splits, s), f"{splits.fingerprint}-{s}", part, parts) for s in ("train", "val", "test"))
         echo(f"{pt.label}: {n} feature shards extracted (part {part + 1} of {parts})")
         written += n

@@ -5,11 +5,13 @@ count, dtype and sha256, and a manifest written last.
 A shard counts only when its bytes match its sidecar: a killed extraction resumes at the first missing or damaged shard
 and never reads a partial one; the manifest (shapes, dtype, sha256 per shard) marks the store complete. Shards are
 independent, so extraction can be spread over processes (`todo(part, parts)`). Reading converts shard by shard into
-one float32 tensor, so the peak is that tensor plus one memory-mapped shard.
+one float32 tensor, checking each shard's sha256 as it is read, so the peak is that tensor plus one shard.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -56,14 +58,22 @@ class FeatureStore:
     def _expected(self, k: int) -> dict[str, Any]:
         return {"rows": len(self.rows(k)), "dim": self.dim, "dtype": self.dtype, "first": self.rows(k).start}
 
-    def valid(self, k: int) -> bool:
-        """Shard `k` is written whole: its sidecar matches what this store expects and the file's sha256."""
+    def _meta(self, k: int) -> dict[str, Any] | None:
+        """Shard `k`'s sidecar when it matches what this store expects (None: missing, unreadable or another store's)."""
         try:
             meta = json.loads(self._sidecar(k).read_text())
-            if not isinstance(meta, dict) or any(meta.get(key) != v for key, v in self._expected(k).items()):
-                return False
-            return bool(meta.get("sha256") == sha256_file(self.shard(k)))
         except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or any(meta.get(key) != v for key, v in self._expected(k).items()):
+            return None
+        return meta
+
+    def valid(self, k: int) -> bool:
+        """Shard `k` is written whole: its sidecar matches what this store expects and the file's sha256."""
+        meta = self._meta(k)
+        try:
+            return meta is not None and bool(meta.get("sha256") == sha256_file(self.shard(k)))
+        except OSError:
             return False
 
     def todo(self, part: int = 0, parts: int = 1) -> list[int]:
@@ -94,25 +104,37 @@ class FeatureStore:
         atomic_write_json(self.manifest, {"n": self.n, "dim": self.dim, "dtype": self.dtype, "shard_rows": self.shard_rows,
                                           "shards": shards})
 
-    def complete(self) -> bool:
+    def manifest_matches(self) -> bool:
+        """The manifest exists and describes this store (the shards' bytes are not read: `complete`, `load` check them)."""
         try:
             m = json.loads(self.manifest.read_text())
         except (OSError, ValueError):
             return False
-        same = isinstance(m, dict) and (m.get("n"), m.get("dim"), m.get("dtype"), m.get("shard_rows")) == (
+        return isinstance(m, dict) and (m.get("n"), m.get("dim"), m.get("dtype"), m.get("shard_rows")) == (
             self.n, self.dim, self.dtype, self.shard_rows)
-        return same and all(self.valid(k) for k in range(self.n_shards))
+
+    def complete(self) -> bool:
+        return self.manifest_matches() and all(self.valid(k) for k in range(self.n_shards))
 
     def load_shard(self, k: int) -> Tensor:
+        """Shard `k` as float32, its file read once and checked against its sidecar's sha256 on the way (ValueError
+        when it does not match: damaged or from another store)."""
+        meta = self._meta(k)
+        data = self.shard(k).read_bytes()
+        if meta is None or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise ValueError(f"{self.shard(k)} does not match its sidecar (damaged, or not written whole)")
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
         r = self.rows(k)
-        arr = np.load(self.shard(k), mmap_mode="r", allow_pickle=False)
-        if arr.shape != (len(r), self.dim):
-            raise ValueError(f"{self.shard(k)} holds {arr.shape}, its sidecar says ({len(r)}, {self.dim})")
-        return torch.from_numpy(np.array(arr, dtype=np.float32))
+        if shape != (len(r), self.dim) or fortran or dtype != DTYPES[self.dtype]:
+            raise ValueError(f"{self.shard(k)} holds {shape} {dtype}, its sidecar says ({len(r)}, {self.dim}) {self.dtype}")
+        arr = np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape)  # no copy of the bytes
+        return torch.from_numpy(arr.astype(np.float32))
 
     def load(self, computed: dict[int, Tensor] | None = None) -> Tensor:
-        """All features as one float32 (n, dim) tensor, filled shard by shard from memory-mapped files (or from
-        `computed`, shards held in memory that could not be written)."""
+        """All features as one float32 (n, dim) tensor, filled shard by shard, each read once and checked (or from
+        `computed`, shards held in memory that could not be written). ValueError on a damaged shard."""
         out = torch.empty(self.n, self.dim, dtype=torch.float32)
         for k in range(self.n_shards):
             r = self.rows(k)

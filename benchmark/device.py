@@ -1,4 +1,4 @@
-"""Which device runs the work, and how to describe it in result rows."""
+"""Which device runs the work, how to describe it in result rows, and how to tell that it ran out of memory."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{platform.machine()}x{len(os.sched_getaffinity(0))}"
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of any device (CUDA's OutOfMemoryError, or a RuntimeError saying so: CPU, MPS)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.data.sets import Images, Splits
+from benchmark.device import is_oom
 from benchmark.errors import NonFiniteError
 from benchmark.store.features import SHARD_ROWS, FeatureStore
 
@@ -90,10 +91,6 @@ class FrozenEncoder:
         return m.train().requires_grad_(True)
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 def _finite(features: Tensor, name: str) -> Tensor:
     """`features`, or NonFiniteError: a protocol scoring inf/NaN features reports chance accuracy as a result."""
     bad = int((~torch.isfinite(features)).any(dim=1).sum()) if features.numel() else 0
@@ -122,8 +119,8 @@ def _extract(encoder: Encoder, images: Images, rows: range, bs: int) -> Tensor:
             out = torch.cat(parts) if parts else torch.zeros(0, encoder.dim)
             break
         except RuntimeError as e:
-            if not _is_oom(e) or bs == 1:
-                if _is_oom(e):
+            if not is_oom(e) or bs == 1:
+                if is_oom(e):
                     raise RuntimeError(f"OOM at feature-extraction batch 1: {e}") from e
                 raise
             bs = max(1, bs // 2)

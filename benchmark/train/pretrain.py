@@ -28,6 +28,7 @@ from benchmark.config import PretrainConfig
 from benchmark.data.augment import ViewSpec, augment, make_views
 from benchmark.data.sets import ImageSet, Splits
 from benchmark.data.stream import CropSpec, StreamSet
+from benchmark.device import is_oom
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.store.checkpoints import CheckpointDir
 from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
@@ -174,7 +175,7 @@ class PretrainOOM(SSLBenchError):
 
 
 def _reraise_oom(error: RuntimeError, run: _Run, views: list[Tensor]) -> NoReturn:
-    if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()):
+    if not is_oom(error):
         raise error
     shapes = ", ".join(sorted({f"{v.shape[-1]} px" for v in views}))
     raise PretrainOOM(f"out of memory in pretraining at pretrain.batch_size={run.cfg.batch_size} ({len(views)} views, {shapes}) "

@@ -17,7 +17,7 @@ from torch import Tensor
 from benchmark.config import check
 from benchmark.data.sets import Splits
 from benchmark.evaluate.encoder import Encoder, split_features
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, classification_rows, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
 
@@ -75,10 +75,7 @@ def knn(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext
     k = min(cfg.k, len(bank_y))  # the vote cannot use more neighbours than the bank holds: say which k was used
     scores = knn_predict(bank_f, bank_y, f["test"][0], k, cfg.temperature, data.num_classes)
     sel = f"fixed k={k} T={cfg.temperature}" + (f" (k={cfg.k} asked; the bank holds {k})" if k < cfg.k else "")
-    rows = [Row("top1", topk_accuracy(scores, f["test"][1], 1), selection=sel, n_train=len(bank_y))]
-    if data.num_classes > 5:
-        rows.append(Row("top5", topk_accuracy(scores, f["test"][1], 5), selection=sel, n_train=len(bank_y)))
-    return rows
+    return classification_rows(scores, f["test"][1], selection=sel, n_train=len(bank_y))
 
 
 @dataclass(frozen=True)

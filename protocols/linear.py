@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.config import check
+from benchmark.config import check, hashed_if_set
 from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
 from benchmark.evaluate.encoder import Encoder, split_features
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.evaluate.layers import GOYAL_DIMS, check_layers, layer_encoders
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, classification_rows, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
 
@@ -31,12 +32,17 @@ class Config:
     max_iter: int = 1000  # L-BFGS iterations per fit (DINOv2: 1000)
     tol: float = 1e-4  # L-BFGS gradient tolerance (scikit-learn's default tol); 1e-6 took 2.7x longer for the same choice
     standardize: bool = True  # z-score features with train statistics before fitting
+    # probed layers, one set of rows each (metric suffix _<layer>): out = the encoder's output; conv1, res2..res5
+    # (ResNets), block1..block4 (ConvNet), last<k> (ViTs: class tokens of the last k blocks); benchmark/evaluate/layers.py
+    layers: tuple[str, ...] = hashed_if_set(("out",))
+    layer_dims: int = hashed_if_set(GOYAL_DIMS)  # values a stage map is average-pooled to (Goyal et al. 2019: ~9k)
 
     def __post_init__(self) -> None:
         check(self.grid_points >= 1, "linear.grid_points must be >= 1")
         check(self.wd_min_exp <= self.wd_max_exp, "linear.wd_min_exp must be <= linear.wd_max_exp")
         check(self.max_iter > 0, "linear.max_iter must be > 0")
         check(self.tol > 0, "linear.tol must be > 0")
+        check_layers("linear", self.layers, self.layer_dims)
 
 
 LARGE = 2**27  # rows x classes above which logits are computed in row chunks and the features are never copied
@@ -106,6 +112,12 @@ def c_grid(cfg: Config) -> list[float]:
 def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     del ctx
     torch.manual_seed(seed)
+    return [row for suffix, enc in layer_encoders(encoder, cfg.layers, data.image_size, cfg.layer_dims)
+            for row in _probe(enc, data, cfg, suffix)]
+
+
+def _probe(encoder: Encoder, data: Splits, cfg: Config, suffix: str) -> list[Row]:
+    """The rows of one layer: val top1 of the picked C, then the test rows."""
     device = getattr(encoder, "device", torch.device("cpu"))
     f = split_features(encoder, data)
     (xtr, ytr), (xva, yva), (xte, yte) = ((x.to(device), y.to(device)) for x, y in (f["train"], f["val"], f["test"]))
@@ -127,8 +139,5 @@ def linear(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalCont
     scores = scores_of(xte, W, b, mu, sd)
     sel = f"val top1: C={best_c:.4g} of {cfg.grid_points}"
     n = len(ytr) + len(yva)
-    rows = [Row("top1", best_acc, split="val", selection=sel, n_train=len(ytr)),
-            Row("top1", topk_accuracy(scores, yte.cpu(), 1), selection=sel, n_train=n)]
-    if k > 5:
-        rows.append(Row("top5", topk_accuracy(scores, yte.cpu(), 5), selection=sel, n_train=n))
-    return rows
+    return [Row(f"top1{suffix}", best_acc, split="val", selection=sel, n_train=len(ytr)),
+            *classification_rows(scores, yte.cpu(), suffix, selection=sel, n_train=n)]

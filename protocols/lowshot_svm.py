@@ -7,7 +7,7 @@ Goyal et al., ICCV 2019, https://arxiv.org/abs/1905.01235; code: fair_self_super
 
 For each k in `k_values` and each of `draws` independent draws from train+val, the `svm` protocol's
 per-class SVMs (protocols/svm.py) are trained on the draw and tested on the full test set; each k gives
-`map_k{k}` (and `top1_k{k}` for single-label data): the mean over draws, with std/min/max/ci95 over draws.
+`map_k{k}` (and `top1_k{k}`, `mean_class_acc_k{k}` for single-label data): the mean over draws, with std/min/max/ci95 over draws.
 Single-label: k images of every class, shared by all K one-vs-rest SVMs. Multi-label (Goyal's VOC
 sampling): class c's SVM sees its own k positives and (K-1)·k negatives (images without c).
 Unlike the anchors, which report the cost with the best *test* mAP, C is chosen per class by CV on the
@@ -98,7 +98,7 @@ def _k_rows(k: int, runs: list[dict[str, float]], costs: list[float], n_train: i
     sel = f"{how}: C median={np.median(costs):.4g} of {len(cfg.costs)}; {len(runs)} draws"
     extra = {"not_converged": missed} if missed else {}
     rows = []
-    for metric in ("map", "top1"):
+    for metric in ("map", "top1", "mean_class_acc"):
         if metric in runs[0]:
             s = spread([r[metric] for r in runs])
             rows.append(Row(f"{metric}_k{k}", s.mean, selection=sel, n_train=n_train, ci95=s.ci95, std=s.std, min=s.min,

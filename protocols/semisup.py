@@ -35,7 +35,14 @@ from benchmark.data.sets import Images, Splits
 from benchmark.errors import ConfigError
 from benchmark.evaluate.encoder import Encoder
 from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, class_balanced_fraction, save_subset_file, topk_accuracy
+from benchmark.evaluate.protocol import (
+    NO_CONTEXT,
+    EvalContext,
+    class_balanced_fraction,
+    classification_rows,
+    save_subset_file,
+    topk_accuracy,
+)
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
 
@@ -230,7 +237,7 @@ def finetune_rows(encoder: Encoder, train: Images, data: Splits, cfg: Tuning, re
                   suffix: str = "", note: str = "", name: str = "semisup") -> list[Row]:
     """Fine-tune a copy of `encoder` + linear head on `train` per (lr, head mult) of `cfg`, pick by val top1, test the pick once.
 
-    Returns rows `top1{suffix}` (val and test) and `top5{suffix}` (test, more than 5 classes). A candidate whose
+    Returns rows `top1{suffix}` (val and test), `top5{suffix}` (test, more than 5 classes) and `mean_class_acc{suffix}` (test). A candidate whose
     loss diverges scores -inf; if all diverge, FloatingPointError is raised.
     """
     recipe = dataclasses.replace(recipe, batch_size=min(recipe.batch_size, len(train)))
@@ -256,11 +263,8 @@ def finetune_rows(encoder: Encoder, train: Images, data: Splits, cfg: Tuning, re
     sel = (f"fixed {pick}" if len(val) == 1 else f"val top1: {pick} of {len(val)}") + (f"; {note}" if note else "")
     sweep = " ".join(f"{a:g}x{b:g}:{v:.4f}" if math.isfinite(v) else f"{a:g}x{b:g}:diverged" for (a, b), v in val.items())
     scores = predict(model, data.test, encoder.mean, encoder.std, ctx.device)
-    rows = [Row(f"top1{suffix}", val[(lr, mult)], split="val", selection=f"{sel} ({sweep})" if len(val) > 1 else sel, n_train=len(train)),
-            Row(f"top1{suffix}", topk_accuracy(scores, data.test.y, 1), selection=sel, n_train=len(train))]
-    if data.num_classes > 5:
-        rows.append(Row(f"top5{suffix}", topk_accuracy(scores, data.test.y, 5), selection=sel, n_train=len(train)))
-    return rows
+    return [Row(f"top1{suffix}", val[(lr, mult)], split="val", selection=f"{sel} ({sweep})" if len(val) > 1 else sel, n_train=len(train)),
+            *classification_rows(scores, data.test.y, suffix, selection=sel, n_train=len(train))]
 
 
 @register_protocol("semisup", config=Config, version="1")

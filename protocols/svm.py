@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
-from benchmark.config import check, nohash
+from benchmark.config import check, hashed_if_set, nohash
 from benchmark.data.sets import Splits
 from benchmark.evaluate.encoder import Encoder, split_features
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.evaluate.layers import GOYAL_DIMS, check_layers, layer_encoders
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, mean_class_accuracy, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
 
@@ -50,6 +51,10 @@ class Config:
     tol: float = 1e-4  # LinearSVC tol in all three anchors
     dual: bool = True  # liblinear dual coordinate descent, as all three anchors
     n_jobs: int = nohash(1)  # joblib workers over classes (results do not depend on it)
+    # probed layers, one set of rows each (metric suffix _<layer>): out = the encoder's output; conv1, res2..res5
+    # (ResNets), block1..block4 (ConvNet), last<k> (ViTs: class tokens of the last k blocks); benchmark/evaluate/layers.py
+    layers: tuple[str, ...] = hashed_if_set(("out",))
+    layer_dims: int = hashed_if_set(GOYAL_DIMS)  # values a stage map is average-pooled to (Goyal et al. 2019: ~9k)
 
     name: ClassVar[str] = "svm"  # the registry name used in validation messages
 
@@ -62,6 +67,7 @@ class Config:
         check(self.max_iter > 0, f"{n}.max_iter must be > 0, got {self.max_iter}")
         check(self.tol > 0, f"{n}.tol must be > 0, got {self.tol}")
         check(self.n_jobs != 0, f"{n}.n_jobs must be a positive worker count or -1 (all cores), got 0")
+        check_layers(n, self.layers, self.layer_dims)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -225,12 +231,13 @@ def features_np(x: torch.Tensor, cfg: Config) -> np.ndarray:
 
 
 def evaluate(fits: list[ClassFit], x_test: np.ndarray, y_test: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """{"map": ..., "top1": ... (single-label only), "classes_without_positives": n} on the test set."""
+    """{"map": ..., "top1", "mean_class_acc": ... (single-label only), "classes_without_positives": n} on the test set."""
     scores = decision_values(fits, x_test)
     m, aps = mean_average_precision(scores, class_targets(y_test, num_classes))
     out = {"map": m, "classes_without_positives": float(np.isnan(aps).sum())}
     if y_test.ndim == 1:
         out["top1"] = topk_accuracy(torch.from_numpy(scores), y_test, 1)
+        out["mean_class_acc"] = mean_class_accuracy(torch.from_numpy(scores), y_test)
     return out
 
 
@@ -245,6 +252,12 @@ def describe_costs(fits: list[ClassFit]) -> str:
 @register_protocol("svm", config=Config, version="1", multilabel=True)
 def svm(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     del ctx  # nothing written; liblinear runs on CPU
+    return [row for suffix, enc in layer_encoders(encoder, cfg.layers, data.image_size, cfg.layer_dims)
+            for row in _probe(enc, data, cfg, seed, suffix)]
+
+
+def _probe(encoder: Encoder, data: Splits, cfg: Config, seed: int, suffix: str) -> list[Row]:
+    """The rows of one layer: CV mAP (val), test mAP, and top1 / mean_class_acc for single-label data."""
     f = split_features(encoder, data)
     x = features_np(torch.cat([f["train"][0], f["val"][0]]), cfg)
     y = torch.cat([f["train"][1], f["val"][1]])
@@ -261,10 +274,9 @@ def svm(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext
     rows = []
     if all(fit.cv_ap is not None for fit in fits):
         cv_map = float(np.mean([fit.cv_ap.max() for fit in fits if fit.cv_ap is not None]))
-        rows.append(Row("map", cv_map, split="val", selection=sel, n_train=n, extra=extra))
-    rows.append(Row("map", test["map"], selection=sel, n_train=n, extra=extra))
-    if "top1" in test:
-        rows.append(Row("top1", test["top1"], selection=sel, n_train=n, extra=extra))
+        rows.append(Row(f"map{suffix}", cv_map, split="val", selection=sel, n_train=n, extra=extra))
+    rows.append(Row(f"map{suffix}", test["map"], selection=sel, n_train=n, extra=extra))
+    rows += [Row(f"{m}{suffix}", test[m], selection=sel, n_train=n, extra=extra) for m in ("top1", "mean_class_acc") if m in test]
     return rows
 
 

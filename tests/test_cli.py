@@ -41,7 +41,7 @@ def test_smoke_suite_writes_tables_with_provenance_and_reruns_as_a_no_op(tmp_pat
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == COLUMNS and set(REQUIRED) <= set(df.columns)
     test = df[df.split == "test"]
-    assert len(test.groupby(["method", "protocol", "seed", "metric"])) == 2 * 2 * 2 * 2  # top1 + top5
+    assert len(test.groupby(["method", "protocol", "seed", "metric"])) == 2 * 2 * 2 * 3  # top1, top5, mean_class_acc
     assert test.value.between(0, 1).all() and (test.status == "ok").all()
     assert df.git_sha.notna().all() and df.config_hash.str.len().eq(12).all()
     # the pretraining's own code is recorded too (an encoder may be reused by later evaluations)

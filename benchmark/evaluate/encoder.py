@@ -142,8 +142,9 @@ def extract_features(encoder: Encoder, images: Images, batch_size: int | None = 
     disk) costs a recomputation next time, not the cell.
     """
     memo: dict[str, Tensor] | None = getattr(encoder, "memo", None)
-    if memo is not None and name in memo:
-        return memo[name]
+    key = f"{getattr(encoder, 'cache_key', '')}-{name}"  # the memo is shared by an encoder's layers (`at_layer`)
+    if memo is not None and key in memo:
+        return memo[key]
     bs = batch_size or int(getattr(encoder, "batch_size", 512))
     dtype = str(getattr(encoder, "feature_dtype", "float32"))
     store = _store_of(encoder, images, name)
@@ -154,7 +155,7 @@ def extract_features(encoder: Encoder, images: Images, batch_size: int | None = 
             out = out.to(getattr(torch, dtype)).float()  # the numbers do not depend on whether a store is used
     _finite(out, name)
     if memo is not None and name:
-        memo[name] = out
+        memo[key] = out
     return out
 
 

@@ -22,6 +22,7 @@ from benchmark.data.datasets import load_splits
 from benchmark.data.sets import Images, ImageSet, Splits, resize
 from benchmark.data.stream import EvalTransform, StreamSet
 from benchmark.store.io import atomic_write_text
+from benchmark.store.results import Row
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,28 @@ def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
     """Fraction of rows of `scores` (N, K) whose top-k classes contain `y` (N,)."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     return float((top == y.view(-1, 1)).any(dim=1).float().mean())
+
+
+def mean_class_accuracy(scores: Tensor, y: Tensor) -> float:
+    """Top-1 recall of each class present in `y`, averaged over those classes (mmpretrain's `average_mode='macro'`
+    recall, sklearn's `balanced_accuracy_score`): every class counts the same however many test images it has."""
+    pred = scores.argmax(dim=1)
+    classes = torch.unique(y)
+    if len(classes) == 0:
+        return math.nan
+    recall = [float((pred[y == c] == c).float().mean()) for c in classes]
+    return sum(recall) / len(recall)
+
+
+def classification_rows(scores: Tensor, y: Tensor, suffix: str = "", **row: object) -> list[Row]:
+    """The test rows every single-label classification protocol reports from its scores (N, K): top1, top5 (more
+    than 5 classes), and `mean_class_acc` (for imbalanced test sets); `suffix` tags the metric names (`_1pct`,
+    `_res4`), `row` the remaining `Row` fields (selection, n_train, extra, split)."""
+    names = [("top1", topk_accuracy(scores, y, 1))]
+    if scores.shape[1] > 5:
+        names.append(("top5", topk_accuracy(scores, y, 5)))
+    names.append(("mean_class_acc", mean_class_accuracy(scores, y)))
+    return [Row(f"{m}{suffix}", v, **row) for m, v in names]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def test_default_recipe_is_vissl_full_finetune() -> None:
 def test_separable_blobs_give_top1_of_one() -> None:
     data = blobs()
     rows = finetune(tiny_encoder(), data, Config(epochs=2, batch_size=16, lrs=(2.0,), crop_scale=1.0), 0)
-    assert values(rows) == {("top1", "val"): 1.0, ("top1", "test"): 1.0}
+    assert values(rows) == {("top1", "val"): 1.0, ("top1", "test"): 1.0, ("mean_class_acc", "test"): 1.0}
     assert all(r.n_train == len(data.train) and r.selection == "fixed lr=2" for r in rows)
 
 

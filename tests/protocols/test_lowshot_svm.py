@@ -54,7 +54,7 @@ def test_multi_label_draws_give_each_class_k_positives_and_k_per_other_class_neg
 def test_rows_carry_the_spread_over_draws_and_separable_blobs_reach_one() -> None:
     rows = lowshot_svm(frozen(Flatten(16), 16), blobs(), TINY, seed=0)
     by = {r.metric: r for r in rows}
-    assert list(by) == ["map_k1", "top1_k1", "map_k4", "top1_k4"]
+    assert list(by) == ["map_k1", "top1_k1", "mean_class_acc_k1", "map_k4", "top1_k4", "mean_class_acc_k4"]
     assert by["map_k4"].value == 1.0 and by["top1_k4"].value == 1.0
     for r in rows:
         assert r.std is not None and r.min is not None and r.max is not None and r.ci95 is not None
@@ -83,7 +83,7 @@ def test_draws_are_saved_deterministic_and_differ_across_draws(tmp_path: Path, d
 def test_k_beyond_the_smallest_class_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="protocols.lowshot_svm"):
         rows = lowshot_svm(frozen(Flatten(16), 16), blobs(), Config(k_values=(2, 60), draws=1, costs=(1.0,)), seed=0)
-    assert {r.metric for r in rows} == {"map_k2", "top1_k2"}
+    assert {r.metric for r in rows} == {"map_k2", "top1_k2", "mean_class_acc_k2"}
     assert "skipping k=60" in caplog.text
 
 

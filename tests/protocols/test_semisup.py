@@ -133,7 +133,7 @@ def test_user_subset_file_is_honoured(tmp_path: Path) -> None:
     assert got.tolist() == ids and note.startswith("file mine.json #")
     assert not (tmp_path / "splits").exists()  # the user's file is the record; nothing is drawn or saved
     rows = semisup(tiny_encoder(), data, Config(fractions=(0.5,), subset_files=(str(f),), epochs=(1,), **FAST), 0)
-    assert {r.metric for r in rows} == {"top1_50pct"} and all(r.n_train == len(ids) for r in rows)
+    assert {r.metric for r in rows} == {"top1_50pct", "mean_class_acc_50pct"} and all(r.n_train == len(ids) for r in rows)
     assert all("file mine.json" in r.selection for r in rows)
 
 
@@ -152,8 +152,8 @@ def test_bad_user_subset_files_raise(tmp_path: Path, content: Any, match: str) -
 def test_separable_blobs_give_top1_of_one() -> None:
     data = blobs()  # 160 train: 1% -> one image per class, 10% -> 16
     rows = semisup(tiny_encoder(), data, Config(epochs=(15, 5), **FAST), 0)
-    assert values(rows) == {("top1_1pct", "val"): 1.0, ("top1_1pct", "test"): 1.0, ("top1_10pct", "val"): 1.0, ("top1_10pct", "test"): 1.0}
-    assert [r.n_train for r in rows] == [4, 4, 16, 16] and rows[1].selection.startswith("fixed lr=2; subset balanced seed 0 #")
+    assert values(rows) == {(f"{m}_{p}pct", s): 1.0 for p in (1, 10) for m, s in (("top1", "val"), ("top1", "test"), ("mean_class_acc", "test"))}
+    assert [r.n_train for r in rows] == [4, 4, 4, 16, 16, 16] and rows[1].selection.startswith("fixed lr=2; subset balanced seed 0 #")
 
 
 def test_frozen_encoder_is_bit_identical_and_the_copy_is_trained() -> None:

@@ -143,7 +143,7 @@ def test_separable_blobs_give_map_and_top1_of_one() -> None:
     rows = svm(frozen(Flatten(16), 16), blobs(), Config(costs=(0.1, 1.0, 10.0)), seed=0)
     test = {r.metric: r.value for r in rows if r.split == "test"}
     val = [r for r in rows if r.split == "val"]
-    assert test == {"map": 1.0, "top1": 1.0}
+    assert test == {"map": 1.0, "top1": 1.0, "mean_class_acc": 1.0}
     assert len(val) == 1 and val[0].metric == "map" and val[0].value == 1.0
     assert rows[-1].selection.startswith("3-fold CV AP per class: C median=") and rows[-1].n_train == 200
 

@@ -144,3 +144,22 @@ def test_pixels_baseline_features_are_the_normalised_image() -> None:
     x = torch.randint(0, 255, (3, 1, 4, 4), dtype=torch.uint8)
     enc = FrozenEncoder(Pixels(1, 4), 16, (0.5,), (0.25,), key="p")
     torch.testing.assert_close(enc.features(x), ((x.float() / 255 - 0.5) / 0.25).flatten(1))
+
+
+def test_mean_class_accuracy_is_sklearns_balanced_accuracy() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    from benchmark.evaluate.protocol import classification_rows, mean_class_accuracy
+
+    # hand case: class 0 (4 images) 3 right, class 1 (1 image) wrong -> top1 3/5, mean over classes (3/4 + 0) / 2
+    y = torch.tensor([0, 0, 0, 0, 1])
+    scores = torch.tensor([[1.0, 0.0]] * 4 + [[1.0, 0.0]])
+    scores[3] = torch.tensor([0.0, 1.0])
+    assert mean_class_accuracy(scores, y) == pytest.approx(0.375)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (500,), generator=g) ** 2 % 7  # imbalanced
+    s = torch.randn(500, 7, generator=g)
+    assert mean_class_accuracy(s, y) == pytest.approx(balanced_accuracy_score(y.numpy(), s.argmax(1).numpy()))
+    rows = classification_rows(s, y, "_res4", selection="x", n_train=3)
+    assert [r.metric for r in rows] == ["top1_res4", "top5_res4", "mean_class_acc_res4"]
+    assert all(r.selection == "x" and r.n_train == 3 and r.split == "test" for r in rows)

@@ -6,6 +6,8 @@ A backbone factory takes `(in_channels, image_size, small_stem)` and returns a m
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -174,6 +176,44 @@ def stages(net: nn.Module) -> list[nn.Module]:
         r = net.net
         return [nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool), r.layer1, r.layer2, r.layer3, r.layer4]
     raise NotApplicable(f"dense protocols need a convolutional backbone with stages (convnet, resnet18/50); "
+                        f"{type(net).__name__} has none")
+
+
+class Blocks(NamedTuple):
+    """A backbone cut into the blocks partial fine-tuning counts (see `finetune_blocks`)."""
+
+    blocks: list[nn.Module]  # in forward order; the last k are trained
+    after: list[nn.Module]  # modules after the last block (a ViT's final norm): trained with it
+    kind: str  # what a block is, for selection notes ("transformer block", "residual block", "stage")
+
+
+def finetune_blocks(net: nn.Module, unit: Literal["block", "stage"] = "block") -> Blocks:
+    """The units MAE's partial fine-tuning (He et al. 2021, fig. 9) counts from the end, as `net`'s own modules.
+
+    timm ViTs: the transformer blocks of `net.blocks`, then the modules registered after them (final `norm`,
+    `fc_norm`, the pooling head). torchvision ResNets, unit "block": the residual blocks of layer1 ... layer4 in
+    order (8 BasicBlocks in ResNet-18, 16 Bottlenecks in ResNet-50), counted as MAE counts transformer blocks; unit
+    "stage": layer1 ... layer4 (res2 ... res5). ConvNet: its conv-BN-ReLU stages (`stages`) for either unit. In no
+    block: the ResNet stem (conv1, bn1) and the ViT patch embedding, class token and position embedding.
+
+    Raises:
+        NotApplicable: a backbone without blocks (the pixels baseline, two-encoder methods).
+    """
+    from benchmark.errors import NotApplicable
+
+    if isinstance(net, TimmViT) and isinstance(getattr(net.net, "blocks", None), nn.Sequential):
+        children = list(net.net.named_children())
+        at = next(i for i, (name, _) in enumerate(children) if name == "blocks")
+        return Blocks(list(getattr(net.net, "blocks")), [m for _, m in children[at + 1 :]], "transformer block")
+    if isinstance(net, TorchvisionResNet):
+        r = net.net
+        layers: list[nn.Sequential] = [r.layer1, r.layer2, r.layer3, r.layer4]
+        if unit == "stage":
+            return Blocks(list(layers), [], "stage")
+        return Blocks([b for layer in layers for b in layer], [], "residual block")
+    if isinstance(net, ConvNet):
+        return Blocks(stages(net), [], "stage")
+    raise NotApplicable(f"partial fine-tuning needs a backbone made of blocks (convnet, resnet18/50, a ViT); "
                         f"{type(net).__name__} has none")
 
 

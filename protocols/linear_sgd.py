@@ -5,28 +5,31 @@ mode (BN statistics never move) from random resized crops + flips; tests see the
 (google-research/simclr README, simclr #5) and lightly (`benchmarks/imagenet/resnet50/linear_eval.py`): SGD
 Nesterov m=0.9, lr 0.1 x batch/256, cosine without warm-up, 90 epochs, batch 256, wd 0. Each lr of `lrs` is
 trained on train and scored on val (a diverged lr counts as failed), the best refit on train + val and tested
-once; a single lr with refit is fit on train + val directly. The backbone copy must be bit-identical after
+once; a single lr with refit is fit on train + val directly. The sweep trains every lr at once, one head per lr
+on the same augmented batches and one backbone forward per step (DINOv2 `eval/linear.py`); each head ends as its
+own run would (`one_pass: false` runs them one by one, for timing). The backbone copy must be bit-identical after
 every fit (MoCo's `sanity_check`). Variant `linear_sgd_moco`: MoCo v1/v2, lr 30, 100 epochs, x0.1 at 60 and 80.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from benchmark.config import check
+from benchmark.config import check, nohash
 from benchmark.data.sets import Images, Splits
 from benchmark.evaluate.encoder import Encoder
-from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, topk_accuracy
+from benchmark.evaluate.finetune import Classifier, Recipe, predict, train_classifier, train_heads
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, classification_rows, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
 
-__all__ = ["Config", "MoCoConfig", "fit", "linear_sgd", "make_head", "recipe"]
+__all__ = ["Config", "MoCoConfig", "fit", "fit_heads", "linear_sgd", "make_head", "recipe"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Config:
     crop_scale: float = 0.08  # RandomResizedCrop minimum area + flip (torchvision default, every anchor)
     bn_head: bool = False  # BatchNorm1d(affine=False, eps=1e-6) before the head (MAE paper A.2, main_linprobe.py)
     refit: bool = True  # retrain the picked lr on train + val before testing (ssl-transfer, BYOL TRAIN_AND_VALID)
+    # the lr sweep as one head per lr on one backbone forward per step (DINOv2 eval/linear.py); False: one full run
+    # per lr, as version 1 did. The same numbers either way (tested), hence not hashed
+    one_pass: bool = nohash(True)
 
     def __post_init__(self) -> None:
         check(len(self.lrs) > 0, "linear_sgd.lrs must name at least one learning rate")
@@ -86,6 +92,14 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _check_unchanged(before: dict[str, Tensor], backbone: nn.Module) -> None:
+    """MoCo's `sanity_check`: RuntimeError naming the weights or buffers of the frozen copy that moved."""
+    after = _snapshot(backbone)
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    if changed:
+        raise RuntimeError(f"linear_sgd: the frozen backbone changed during training ({', '.join(changed[:3])})")
+
+
 def fit(encoder: Encoder, images: Images, num_classes: int, cfg: Config, lr: float, seed: int,
         ctx: EvalContext = NO_CONTEXT) -> Classifier:
     """Train a head on a frozen copy of `encoder` with `images`; raises if the copy's weights or buffers moved.
@@ -99,26 +113,82 @@ def fit(encoder: Encoder, images: Images, num_classes: int, cfg: Config, lr: flo
     model = Classifier(backbone, make_head(encoder.dim, num_classes, cfg.bn_head, seed), train_backbone=False)
     train_classifier(model, images, recipe(cfg, lr), encoder.mean, encoder.std, ctx.device, seed,
                      progress=ctx.progress, desc=f"linear_sgd lr={lr:g}")
-    after = _snapshot(model.backbone)
-    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
-    if changed:
-        raise RuntimeError(f"linear_sgd: the frozen backbone changed during training ({', '.join(changed[:3])})")
+    _check_unchanged(before, model.backbone)
     return model
+
+
+def fit_heads(encoder: Encoder, images: Images, num_classes: int, cfg: Config, seed: int,
+              ctx: EvalContext = NO_CONTEXT) -> tuple[nn.Module, list[nn.Module | None]]:
+    """Train one head per lr of `cfg.lrs` at once on one frozen copy of `encoder` (one backbone forward per step).
+
+    Head i starts as `fit`'s head (same seed) and ends as `fit(..., cfg.lrs[i], seed)` would.
+
+    Returns:
+        The frozen copy and the heads in the order of `cfg.lrs`, None where the lr diverged.
+
+    Raises:
+        RuntimeError: the frozen backbone changed (MoCo's `sanity_check`).
+    """
+    backbone = encoder.trainable_copy()
+    before = _snapshot(backbone)
+    heads = [make_head(encoder.dim, num_classes, cfg.bn_head, seed) for _ in cfg.lrs]
+    losses = train_heads(backbone, heads, cfg.lrs, images, recipe(cfg, cfg.lrs[0]), encoder.mean, encoder.std,
+                         ctx.device, seed, progress=ctx.progress, desc=f"linear_sgd {len(heads)} lrs")
+    _check_unchanged(before, backbone)
+    return backbone, [h if math.isfinite(loss[-1]) else None for h, loss in zip(heads, losses)]
+
+
+class _Heads(nn.Module):
+    """Every head on the same features: logits (N, K x heads), head i in columns [i K, (i + 1) K)."""
+
+    def __init__(self, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return torch.cat([h(f) for h in self.heads], dim=1)
+
+
+Candidate = tuple[float, float, Classifier | None]  # (lr, val top1, model); (lr, -inf, None) where it diverged
+
+
+def _sweep_per_lr(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext) -> Iterator[Candidate]:
+    """One full run per lr (`one_pass: false`), each yielded before the next is trained."""
+    for lr in cfg.lrs:
+        try:
+            model = fit(encoder, data.train, data.num_classes, cfg, lr, seed, ctx)
+        except FloatingPointError:
+            yield lr, -math.inf, None  # a diverged lr is a failed candidate, not a failed protocol
+            continue
+        yield lr, topk_accuracy(predict(model, data.val, encoder.mean, encoder.std, ctx.device), data.val.y, 1), model
+        del model  # the caller keeps the best; a backbone copy per lr would add up
+
+
+def _sweep_one_pass(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext) -> Iterator[Candidate]:
+    """Every lr as one head of `fit_heads` on one shared frozen copy, all scored on one forward of val."""
+    backbone, heads = fit_heads(encoder, data.train, data.num_classes, cfg, seed, ctx)
+    live = [h for h in heads if h is not None]
+    scores = iter(())
+    if live:
+        logits = predict(Classifier(backbone, _Heads(live), train_backbone=False), data.val, encoder.mean, encoder.std,
+                         ctx.device)  # (N, K x live heads)
+        scores = iter(logits.split(data.num_classes, dim=1))
+    for lr, h in zip(cfg.lrs, heads):
+        if h is None:
+            yield lr, -math.inf, None
+        else:
+            yield lr, topk_accuracy(next(scores), data.val.y, 1), Classifier(backbone, h, train_backbone=False)
 
 
 def _select(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext) -> tuple[float, dict[float, float], Classifier]:
     """Train every lr on train, score on val; returns (picked lr, val top1 per lr, picked model)."""
     scores: dict[float, float] = {}
     best: tuple[float, Classifier] | None = None
-    for lr in cfg.lrs:
-        try:
-            model = fit(encoder, data.train, data.num_classes, cfg, lr, seed, ctx)
-        except FloatingPointError:
-            scores[lr] = -math.inf  # a diverged lr is a failed candidate, not a failed protocol
-            continue
-        scores[lr] = topk_accuracy(predict(model, data.val, encoder.mean, encoder.std, ctx.device), data.val.y, 1)
-        if best is None or scores[lr] > scores[best[0]]:  # ties keep the earlier lr in `lrs`
+    for lr, score, model in (_sweep_one_pass if cfg.one_pass else _sweep_per_lr)(encoder, data, cfg, seed, ctx):
+        scores[lr] = score
+        if model is not None and (best is None or score > scores[best[0]]):  # ties keep the earlier lr in `lrs`
             best = (lr, model)
+        del model
     if best is None:
         raise FloatingPointError(f"linear_sgd: every learning rate diverged (lrs={cfg.lrs}); try smaller ones")
     return best[0], scores, best[1]
@@ -143,10 +213,7 @@ def linear_sgd(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: Eval
             model = fit(encoder, data.trainval(), data.num_classes, cfg, lr, seed, ctx)
         n = len(data.train) + len(data.val) if cfg.refit else len(data.train)
     scores = predict(model, data.test, encoder.mean, encoder.std, ctx.device)
-    rows.append(Row("top1", topk_accuracy(scores, data.test.y, 1), selection=sel, n_train=n))
-    if data.num_classes > 5:
-        rows.append(Row("top5", topk_accuracy(scores, data.test.y, 5), selection=sel, n_train=n))
-    return rows
+    return rows + classification_rows(scores, data.test.y, selection=sel, n_train=n)
 
 
 register_protocol("linear_sgd_moco", config=MoCoConfig, version="1")(linear_sgd)

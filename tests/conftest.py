@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def fmnist_small() -> Splits:
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     return load_splits("fashion_mnist", DataConfig(train_size=1000, test_size=500, image_size=16))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models gain nothing from a second one on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

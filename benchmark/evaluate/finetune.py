@@ -9,6 +9,7 @@ not updated, MoCo's `sanity_check`) and runs without autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,8 +82,6 @@ def train_classifier(model: Classifier, train: Images, recipe: Recipe, mean: tup
     """
     model.to(device)
     m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    size = train.image_size
-    spec = ViewSpec(size, scale=(recipe.crop_scale, 1.0), jitter_p=0.0, gray_p=0.0)
     n = len(train)
     bs = min(recipe.batch_size, n)  # a subset smaller than the batch trains in one batch per epoch
     lr = recipe.lr * bs / 256  # linear scaling with the batch actually used
@@ -102,14 +101,8 @@ def train_classifier(model: Classifier, train: Images, recipe: Recipe, mean: tup
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     for _ in range(recipe.epochs):
         model.train()
-        order = torch.randperm(n, generator=g)
         run = torch.zeros((), device=device)
-        steps = [order[i * bs : (i + 1) * bs] for i in range(per_epoch)]
-        for idx, xb in zip(steps, train.loader(steps, pin=device.type == "cuda")):  # streamed sets decode ahead, in order
-            x = xb.to(device, non_blocking=True)
-            y = train.y[idx].to(device, non_blocking=True)
-            gd = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-            v = augment(x, spec, m, s, gd) if recipe.crop_scale < 1.0 else _normalise(x, m, s)
+        for v, y in augmented_epoch(train, recipe, m, s, device, g):
             for grp in opt.param_groups:
                 grp["lr"] = grp["base_lr"] * recipe.lr_at(step, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -139,3 +132,90 @@ def predict(model: nn.Module, images: Images, mean: tuple[float, ...], std: tupl
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out.append(model(_normalise(xb.to(device), m, s)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def augmented_epoch(train: Images, recipe: Recipe, mean: Tensor, std: Tensor, device: torch.device,
+                    g: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of (view (B, C, H, W), labels (B,)) batches as `train_classifier` draws them from generator `g`.
+
+    The sample order (`randperm`, drop_last: a 1-sample batch breaks BN) and each batch's crop seed come from `g`, so
+    `train_classifier` and `train_heads`, both built on it, see the same batches at the same seed. Streamed sets
+    decode ahead, in order.
+    """
+    spec = ViewSpec(train.image_size, scale=(recipe.crop_scale, 1.0), jitter_p=0.0, gray_p=0.0)
+    n = len(train)
+    bs = min(recipe.batch_size, n)
+    order = torch.randperm(n, generator=g)
+    steps = [order[i * bs : (i + 1) * bs] for i in range(max(1, n // bs))]
+    for idx, xb in zip(steps, train.loader(steps, pin=device.type == "cuda")):
+        x = xb.to(device, non_blocking=True)
+        y = train.y[idx].to(device, non_blocking=True)
+        gd = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        yield (augment(x, spec, mean, std, gd) if recipe.crop_scale < 1.0 else _normalise(x, mean, std)), y
+
+
+def _head_optimizer(heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe, bs: int) -> torch.optim.SGD:
+    """One SGD over every head, each with its own param groups at its lr x bs/256 x `head_lr_mult`."""
+    groups = []
+    for head, base in zip(heads, lrs):
+        lr = base * bs / 256 * recipe.head_lr_mult  # linear scaling with the batch actually used, as train_classifier
+        for grp in param_groups(head, recipe.weight_decay):
+            grp.pop("lars")
+            if grp["params"]:
+                groups.append({**grp, "lr": lr, "base_lr": lr})
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=recipe.momentum,
+                           nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+def train_heads(backbone: nn.Module, heads: Sequence[nn.Module], lrs: Sequence[float], train: Images, recipe: Recipe,
+                mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, seed: int, progress: bool = False,
+                desc: str = "train") -> list[list[float]]:
+    """Train one head per lr in place on a frozen `backbone`, all on one backbone forward per step (DINOv2 `eval/linear.py`).
+
+    Head i sees the batches and crops `train_classifier` gives `Classifier(backbone, heads[i], train_backbone=False)`
+    at `replace(recipe, lr=lrs[i])` and the same seed, and ends as that run would (bit-identical on CPU). The backbone
+    is put in eval mode without gradients; `recipe.lr` is unused. A head whose mean loss over an epoch is not finite
+    has diverged: it is left out from the next epoch on and the others go on; if every head diverges, training stops.
+
+    Returns:
+        Each head's mean loss per epoch; a diverged head's list ends at the first non-finite value.
+    """
+    if not heads or len(heads) != len(lrs):
+        raise ValueError(f"train_heads needs one lr per head, got {len(heads)} heads and {len(lrs)} lrs")
+    backbone.to(device).eval().requires_grad_(False)
+    for head in heads:
+        head.to(device)
+    m, s = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    bs = min(recipe.batch_size, len(train))
+    opt = _head_optimizer(heads, lrs, recipe, bs)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    per_epoch = max(1, len(train) // bs)
+    total = recipe.epochs * per_epoch
+    amp = device.type == "cuda"
+    losses: list[list[float]] = [[] for _ in heads]
+    live, step = list(range(len(heads))), 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    for _ in range(recipe.epochs):
+        for i in live:
+            heads[i].train()
+        run = torch.zeros(len(heads), device=device)
+        for v, y in augmented_epoch(train, recipe, m, s, device, g):
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * recipe.lr_at(step, total)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad():
+                    f = backbone(v)  # (B, dim), shared by every head
+                per = torch.stack([F.cross_entropy(heads[i](f).float(), y) for i in live])  # (live,)
+            opt.zero_grad(set_to_none=True)  # a diverged head gets no gradient, so SGD leaves it alone
+            per.sum().backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            run[live] += per.detach()
+            step += 1
+            bar.update()
+        for i in live:
+            losses[i].append(float(run[i]) / per_epoch)  # one host sync per epoch, as train_classifier
+        live = [i for i in live if math.isfinite(losses[i][-1])]
+        if not live:
+            break
+    bar.close()
+    return losses

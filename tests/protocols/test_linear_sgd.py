@@ -10,16 +10,19 @@ from torch import nn
 
 import protocols.linear_sgd as lsgd
 from benchmark.backbones import build_backbone
-from benchmark.config import PretrainConfig
+from benchmark.config import PretrainConfig, config_hash
 from benchmark.data.sets import Splits
 from benchmark.errors import ConfigError
 from benchmark.evaluate.encoder import FrozenEncoder
-from benchmark.evaluate.finetune import Classifier
+from benchmark.evaluate.finetune import Classifier, train_heads
 from benchmark.registry import PROTOCOLS
-from protocols.linear_sgd import Config, MoCoConfig, fit, linear_sgd, make_head, recipe
+from protocols.linear_sgd import Config, MoCoConfig, fit, fit_heads, linear_sgd, make_head, recipe
 from tests.protocols.test_knn import Flatten, blobs, frozen
 
 FAST = Config(epochs=10, batch_size=32)  # blobs: 160 train images, 5 steps per epoch
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def by_split(rows: list[Any]) -> dict[tuple[str, str], Any]:
@@ -28,8 +31,9 @@ def by_split(rows: list[Any]) -> dict[tuple[str, str], Any]:
 
 def test_separable_blobs_give_top1_of_one() -> None:
     rows = linear_sgd(frozen(Flatten(16), 16), blobs(), FAST, seed=0)
-    assert [(r.split, r.metric, r.value) for r in rows] == [("test", "top1", 1.0)]
-    assert rows[0].selection == "fixed lr=0.1" and rows[0].n_train == 200  # one lr: fit on train + val directly
+    # test rows through classification_rows: top1 and mean_class_acc (top5 only past 5 classes; blobs have 4)
+    assert [(r.split, r.metric, r.value) for r in rows] == [("test", "top1", 1.0), ("test", "mean_class_acc", 1.0)]
+    assert all(r.selection == "fixed lr=0.1" and r.n_train == 200 for r in rows)  # one lr: fit on train + val directly
 
 
 def test_head_init_is_mocos_and_bn_head_has_no_affine() -> None:
@@ -135,3 +139,85 @@ def test_random_convnet_on_digits_is_well_above_chance(digits: Splits) -> None:
     assert rows["val", "top1"].value > 0.35 and rows["val", "top1"].selection == f"fixed lr=1 (1:{rows['val', 'top1'].value:.4f})"
     assert rows["test", "top1"].n_train == len(digits.train)  # no refit: trained on train only
     assert 0.4 < rows["test", "top1"].value <= rows["test", "top5"].value  # chance: 0.1
+
+
+# --- one pass: every lr a head on the same frozen features (DINOv2 eval/linear.py)
+
+
+def test_one_pass_heads_end_bit_identical_to_separate_runs(digits: Splits) -> None:
+    torch.manual_seed(0)
+    module = build_backbone(PretrainConfig(backbone="convnet_tiny"), 1, 16)
+    enc = FrozenEncoder(module, int(getattr(module, "dim")), digits.mean, digits.std, key="random")
+    small = dataclasses.replace(digits, train=digits.train.subset(torch.arange(320)))
+    # BN head (its running statistics too), crops, Nesterov, weight decay, a step schedule: all must match per head
+    cfg = Config(lrs=(0.3, 3.0, 30.0), epochs=2, batch_size=64, bn_head=True, crop_scale=0.5, weight_decay=1e-4,
+                 schedule="step", milestones=(0.5,), refit=False)
+    backbone, heads = fit_heads(enc, small.train, 10, cfg, seed=3)
+    for lr, head in zip(cfg.lrs, heads):
+        assert head is not None
+        alone = fit(enc, small.train, 10, cfg, lr, seed=3).head.state_dict()
+        assert all(torch.equal(v, alone[k]) for k, v in head.state_dict().items()), lr
+    one, per_lr = (linear_sgd(enc, small, dataclasses.replace(cfg, one_pass=p), seed=3) for p in (True, False))
+    assert one == per_lr  # val scores, picked lr, the sweep string and the test rows, exactly
+    assert one[0].selection.startswith("val top1: lr=") and len({r.value for r in one}) > 1
+    assert len(set(one[0].selection.split("(")[1].split())) == 3  # three different val scores: the test can fail
+
+
+class CountingHead(nn.Module):
+    """A head that counts its training-mode calls."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head, self.calls = head, 0
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        return self.head(f)  # type: ignore[no-any-return]
+
+
+def test_a_diverging_head_stops_while_the_others_train_on() -> None:
+    data, cfg = blobs(), dataclasses.replace(FAST, epochs=3)  # 5 steps per epoch
+    heads = [CountingHead(make_head(16, 4, False, 0)) for _ in range(3)]
+    losses = train_heads(Flatten(16), heads, (0.1, 1e38, 1.0), data.train, recipe(cfg, 0.1), (0.0,), (1.0,),
+                         torch.device("cpu"), seed=0)
+    assert [len(v) for v in losses] == [3, 1, 3] and not math.isfinite(losses[1][0])
+    assert all(math.isfinite(x) for x in losses[0] + losses[2])
+    assert [h.calls for h in heads] == [15, 5, 15]  # the diverged head is left out after its epoch
+    alone = fit(frozen(Flatten(16), 16), data.train, 4, cfg, 0.1, seed=0).head
+    assert torch.equal(heads[0].state_dict()["head.weight"], alone.state_dict()["weight"])  # unaffected by its diverging neighbour
+
+
+def test_one_pass_drops_a_diverged_lr_and_picks_as_separate_runs() -> None:
+    cfg = dataclasses.replace(FAST, lrs=(1e-6, 1e38, 0.1))
+    one, per_lr = (by_split(linear_sgd(frozen(Flatten(16), 16), blobs(), dataclasses.replace(cfg, one_pass=p), seed=0))
+                   for p in (True, False))
+    assert one["val", "top1"].selection == "val top1: lr=0.1 of 3 (1e-06:0.1000 1e+38:diverged 0.1:1.0000)"
+    assert one == per_lr
+    _, heads = fit_heads(frozen(Flatten(16), 16), blobs().train, 4, cfg, seed=0)
+    assert [h is None for h in heads] == [False, True, False]
+    with pytest.raises(FloatingPointError, match="every learning rate diverged"):
+        linear_sgd(frozen(Flatten(16), 16), blobs(), dataclasses.replace(FAST, lrs=(1e38, 3e38)), seed=0)
+
+
+def test_one_pass_keeps_the_backbone_bit_identical_and_checks_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16, affine=False))  # only state: running statistics
+    enc = frozen(module, 16)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cfg = dataclasses.replace(FAST, lrs=(0.1, 1.0), refit=False)
+    backbone, _ = fit_heads(enc, blobs().train, 4, cfg, seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # the trained-on copy
+    linear_sgd(enc, blobs(), cfg, seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+    def leaky(net: nn.Module, *args: Any, **kwargs: Any) -> list[list[float]]:
+        net.eval = net.train  # type: ignore[method-assign]  # what a bug would do: the frozen copy left in train mode
+        return train_heads(net, *args, **kwargs)
+
+    monkeypatch.setattr(lsgd, "train_heads", leaky)
+    with pytest.raises(RuntimeError, match="frozen backbone changed.*running_mean"):
+        linear_sgd(enc, blobs(), cfg, seed=0)
+
+
+def test_one_pass_is_not_part_of_the_config_hash() -> None:
+    assert config_hash({"linear_sgd": Config(one_pass=False)}) == config_hash({"linear_sgd": Config()})
+    assert config_hash({"linear_sgd": Config(lrs=(0.1, 1.0))}) != config_hash({"linear_sgd": Config()})

@@ -6,6 +6,7 @@ A backbone factory takes `(in_channels, image_size, small_stem)` and returns a m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -177,6 +178,22 @@ def stages(net: nn.Module) -> list[nn.Module]:
         return [nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool), r.layer1, r.layer2, r.layer3, r.layer4]
     raise NotApplicable(f"dense protocols need a convolutional backbone with stages (convnet, resnet18/50); "
                         f"{type(net).__name__} has none")
+
+
+@torch.no_grad()
+def stage_widths(parts: Sequence[nn.Module], channels: int, size: int = 64) -> list[int]:
+    """Output channels of each module of the chain `parts` on a (2, channels, size, size) input (modes restored)."""
+    p0 = next((p for part in parts for p in part.parameters()), None)
+    x = torch.zeros(2, channels, size, size, device=p0.device if p0 is not None else None)
+    was = [p.training for p in parts]
+    out = []
+    for p in parts:
+        p.eval()
+        x = p(x)
+        out.append(int(x.shape[1]))
+    for p, w in zip(parts, was):
+        p.train(w)
+    return out
 
 
 class Blocks(NamedTuple):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmark.backbones import stages, torchvision_resnet_state
+from benchmark.backbones import stage_widths, stages, torchvision_resnet_state
 from benchmark.config import check, nohash
 from benchmark.data.colour import convert_channels
 from benchmark.data.detection import DETECTION_DATASETS, Detections, DetectionSet, EmbeddedSpec, load_detection
@@ -135,20 +135,6 @@ class _Pyramid(nn.Module):
         return out
 
 
-def _channels(parts: list[nn.Module], in_channels: int) -> list[int]:
-    x = torch.zeros(2, in_channels, 64, 64)
-    out = []
-    with torch.no_grad():
-        was = [p.training for p in parts]
-        for p in parts:
-            p.eval()
-            x = p(x)
-            out.append(int(x.shape[1]))
-        for p, w in zip(parts, was):
-            p.train(w)
-    return out
-
-
 def build_faster_rcnn(backbone: nn.Module, in_channels: int, num_classes: int, cfg: Config,
                       mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     """torchvision Faster R-CNN on `backbone`'s stages (shared modules: pass a trainable copy)."""
@@ -158,7 +144,7 @@ def build_faster_rcnn(backbone: nn.Module, in_channels: int, num_classes: int, c
     from torchvision.ops import MultiScaleRoIAlign
 
     parts = stages(backbone)
-    ch = _channels(parts, in_channels)
+    ch = stage_widths(parts, in_channels)
     ratios = (0.5, 1.0, 2.0)
     body: nn.Module
     if cfg.head == "c4":  # Detectron2's Res5ROIHeads: RoIAlign 14x14 on the stride-16 map, res5, average pool

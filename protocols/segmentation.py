@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from benchmark.backbones import stage_widths
 from benchmark.config import check, nohash
 from benchmark.data.segmentation import SEGMENTATION_DATASETS, SegmentationSet, SegmentationSpec, load_segmentation
 from benchmark.data.sets import Splits
@@ -54,7 +55,6 @@ from benchmark.evaluate.segmentation import (
     segmentation_loss,
     segmentation_rows,
     segmentation_scores,
-    stage_widths,
     train_batch,
 )
 from benchmark.registry import register_protocol

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmark.backbones import stages
+from benchmark.backbones import stage_widths, stages
 from benchmark.config import check, nohash
 from benchmark.data.segmentation import SEGMENTATION_DATASETS, SegmentationSet, SegmentationSpec, load_segmentation
 from benchmark.data.sets import Splits
@@ -54,7 +54,6 @@ from benchmark.evaluate.segmentation import (
     segmentation_loss,
     segmentation_rows,
     segmentation_scores,
-    stage_widths,
     train_batch,
 )
 from benchmark.registry import register_protocol

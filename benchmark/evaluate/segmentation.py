@@ -424,22 +424,6 @@ def dense_features(net: nn.Module) -> nn.Module:
                             f"{type(net).__name__} has none") from None
 
 
-@torch.no_grad()
-def stage_widths(parts: Sequence[nn.Module], channels: int, size: int = 64) -> list[int]:
-    """Output channels of each module of the chain `parts` on a (2, channels, size, size) input (modes restored)."""
-    p0 = next((p for part in parts for p in part.parameters()), None)
-    x = torch.zeros(2, channels, size, size, device=p0.device if p0 is not None else None)
-    was = [p.training for p in parts]
-    out = []
-    for p in parts:
-        p.eval()
-        x = p(x)
-        out.append(int(x.shape[1]))
-    for p, w in zip(parts, was):
-        p.train(w)
-    return out
-
-
 def output_stride(parts: Sequence[nn.Module], channels: int, size: int = 256) -> int:
     """Input side / output side of the chain `parts` (measured on a zero image)."""
     with torch.no_grad():

@@ -107,6 +107,18 @@ class PretrainConfig:
     # mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"). The same recipe with
     # float-level differences, hence not hashed; the first steps pay for compilation (tens of seconds).
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = nohash("none")
+    # online kNN (DINO's weighted vote on the encoder's features: a bank of train images, scored on val) in the
+    # history every `eval_every` epochs and at the last; 0: off. Observes only: training is bit-identical either way.
+    eval_every: int = nohash(5)
+    knn_bank: int = nohash(5000)  # train images in the bank: a fixed seeded random subset (all of train when smaller)
+    knn_k: int = nohash(20)  # DINO's k and T
+    knn_temperature: float = nohash(0.07)
+    # milestones "EPOCH:MIN_TOP1[,...]" (e.g. "10:0.3,50:0.5"): online kNN is evaluated at each EPOCH and a top-1
+    # below MIN (in [0, 1]) ends the run with status `stopped` (no metrics); "": never stop. Quote it in YAML files
+    # (stop_below: "10:0.3"; unquoted, YAML reads a base-60 number); --set pretrain.stop_below=10:0.3 needs no quotes
+    stop_below: str = hashed_if_set("")
+    # each epoch's history scalars (loss, std_l2, rankme, knn_top1, lr) to <run dir>/tensorboard/ (pip install tensorboard)
+    tensorboard: bool = nohash(False)
 
     def __post_init__(self) -> None:
         positive("pretrain.lr", self.lr)
@@ -119,6 +131,33 @@ class PretrainConfig:
         check(self.checkpoint_every > 0, "pretrain.checkpoint_every must be > 0")
         check(self.keep_checkpoints >= 2, "pretrain.keep_checkpoints must be >= 2")
         check(self.sync_every >= 0, f"pretrain.sync_every must be >= 0, got {self.sync_every}")
+        check(self.eval_every >= 0, f"pretrain.eval_every must be >= 0 (0: off), got {self.eval_every}")
+        check(self.knn_bank > 0, f"pretrain.knn_bank must be > 0, got {self.knn_bank}")
+        check(self.knn_k > 0, f"pretrain.knn_k must be > 0, got {self.knn_k}")
+        positive("pretrain.knn_temperature", self.knn_temperature)
+        parse_milestones(self.stop_below)
+
+    @property
+    def milestones(self) -> dict[int, float]:
+        """`stop_below` as {epoch: minimum online kNN top-1}."""
+        return parse_milestones(self.stop_below)
+
+
+def parse_milestones(text: str) -> dict[int, float]:
+    """"EPOCH:MIN[,...]" -> {EPOCH: MIN}: EPOCH an integer >= 1, MIN a number in [0, 1], each epoch once; "" -> {}."""
+    out: dict[int, float] = {}
+    for item in (p.strip() for p in text.split(",")) if text.strip() else ():
+        epoch, sep, low = (s.strip() for s in item.partition(":"))
+        try:
+            e, m = int(epoch), float(low)
+        except ValueError:
+            e, m, sep = 0, math.nan, ""
+        check(bool(sep), f"pretrain.stop_below: {item!r} in {text!r} is not EPOCH:MIN_TOP1 (e.g. '10:0.3,50:0.5')")
+        check(e >= 1, f"pretrain.stop_below: epoch {e} in {item!r} must be >= 1 (epochs count from 1)")
+        check(0 <= m <= 1, f"pretrain.stop_below: minimum top-1 {low} in {item!r} must be in [0, 1] (a fraction, not %)")
+        check(e not in out, f"pretrain.stop_below: epoch {e} has two milestones in {text!r}")
+        out[e] = m
+    return out
 
 
 @dataclass(frozen=True)
@@ -262,6 +301,8 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ":" in raw:
+            value = raw.strip()  # YAML 1.1 reads 10:0.3 as the base-60 number 600.3; nobody means that (stop_below=10:0.3)
         _check_size(value, f"--set {key.strip()}")
         out.setdefault(section, {})[name] = value
     return out

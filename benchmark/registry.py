@@ -99,6 +99,10 @@ METHODS: Registry[Any] = Registry("method", meta={
 PROTOCOLS: Registry[Any] = Registry("protocol", meta={
     "version": "the protocol's version (a string, part of every result's key)",
     "multilabel": "True: it accepts multi-label datasets (VOC07)",
+    # read by the report's label-efficiency curves
+    "label_efficiency": "where its test rows sit on a label-efficiency curve: 'suffix' (the metric name says it: "
+                        "_1pct, _10pct = share of the labels; _k16 = labelled images per class) or a share in (0, 1] "
+                        "(1.0: trained on every label)",
 })
 DATASETS: Registry[Any] = Registry("dataset")
 BACKBONES: Registry[Any] = Registry("backbone")

@@ -37,7 +37,7 @@ class Config(Tuning):
         self.check_tuning("finetune")
 
 
-@register_protocol("finetune", config=Config, version="1")
+@register_protocol("finetune", config=Config, version="1", label_efficiency=1.0)
 def finetune(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     if data.multilabel:
         raise ValueError("finetune needs one label per image; use a multi-label protocol for this dataset")

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from benchmark.config import check
 from benchmark.data.sets import Splits
@@ -20,8 +18,9 @@ from benchmark.evaluate.encoder import Encoder, split_features
 from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, classification_rows, topk_accuracy
 from benchmark.registry import register_protocol
 from benchmark.store.results import Row
+from benchmark.train.monitors import BANK_CHUNK, knn_predict
 
-__all__ = ["Config", "InstDiscConfig", "knn", "knn_predict", "topk_accuracy"]
+__all__ = ["BANK_CHUNK", "Config", "InstDiscConfig", "knn", "knn_predict", "topk_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -32,39 +31,6 @@ class Config:
     def __post_init__(self) -> None:
         check(self.k > 0, f"knn.k must be > 0, got {self.k}")
         check(self.temperature > 0, f"knn.temperature must be > 0, got {self.temperature}")
-
-
-BANK_CHUNK = 65_536  # bank rows compared at once: similarities stay (queries x BANK_CHUNK), whatever the bank's size
-
-
-def knn_predict(train_f: Tensor | list[Tensor], train_y: Tensor, test_f: Tensor, k: int, t: float, num_classes: int,
-                chunk: int = 1024) -> Tensor:
-    """Class scores (M, num_classes) of `test_f` (M, D) by a weighted vote of the k nearest of the bank `train_f`
-    (N, D), or of the bank given as parts (e.g. [train, val], never concatenated), labels `train_y` (N,).
-
-    Out of core: the bank is normalised and compared BANK_CHUNK rows at a time, keeping a running top-k, so memory
-    holds the bank once plus (chunk x BANK_CHUNK) similarities (ImageNet's 1.28M-image bank included). A bank of
-    one chunk takes the direct path."""
-    given = [train_f] if isinstance(train_f, Tensor) else list(train_f)
-    n = sum(len(p_) for p_ in given)
-    parts = [torch.cat(given)] if n <= BANK_CHUNK else [c for part in given for c in part.split(BANK_CHUNK)]
-    k = min(k, n)
-    out = []
-    for q in F.normalize(test_f, dim=1).split(chunk):
-        if len(parts) == 1:
-            sim, idx = (q @ F.normalize(parts[0], dim=1).T).topk(k, dim=1)  # (m, k)
-        else:
-            sim = torch.empty(len(q), 0, dtype=q.dtype)
-            idx = torch.empty(len(q), 0, dtype=torch.int64)
-            start = 0
-            for part in parts:
-                s_, i_ = (q @ F.normalize(part, dim=1).T).topk(min(k, len(part)), dim=1)
-                sim, pos = torch.cat([sim, s_], 1).topk(min(k, sim.shape[1] + s_.shape[1]), dim=1)
-                idx = torch.cat([idx, i_ + start], 1).gather(1, pos)
-                start += len(part)
-        w = (sim / t).exp()
-        out.append(torch.zeros(len(q), num_classes, dtype=w.dtype).scatter_add_(1, train_y[idx], w))
-    return torch.cat(out)
 
 
 @register_protocol("knn", config=Config, version="1")

@@ -106,7 +106,7 @@ def _k_rows(k: int, runs: list[dict[str, float]], costs: list[float], n_train: i
     return rows
 
 
-@register_protocol("lowshot_svm", config=Config, version="1", multilabel=True)
+@register_protocol("lowshot_svm", config=Config, version="1", multilabel=True, label_efficiency="suffix")
 def lowshot_svm(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     """Saved draws (`save_subset_file`, tag `lowshot-k{k}-draw{d}-s{seed}`) index `data.trainval()` (train then val);
     for multi-label data they are K blocks of K·k ids, block c = class c's k positives then its negatives."""

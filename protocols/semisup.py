@@ -267,7 +267,7 @@ def finetune_rows(encoder: Encoder, train: Images, data: Splits, cfg: Tuning, re
             *classification_rows(scores, data.test.y, suffix, selection=sel, n_train=len(train))]
 
 
-@register_protocol("semisup", config=Config, version="1")
+@register_protocol("semisup", config=Config, version="1", label_efficiency="suffix")
 def semisup(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalContext = NO_CONTEXT) -> list[Row]:
     if data.multilabel:
         raise ValueError("semisup needs one label per image; use a multi-label protocol for this dataset")
@@ -285,5 +285,5 @@ def semisup(encoder: Encoder, data: Splits, cfg: Config, seed: int, ctx: EvalCon
     return rows
 
 
-register_protocol("semisup_simclr", config=SimCLRConfig, version="1")(semisup)
-register_protocol("semisup_mmselfsup", config=MMSelfSupConfig, version="1")(semisup)
+register_protocol("semisup_simclr", config=SimCLRConfig, version="1", label_efficiency="suffix")(semisup)
+register_protocol("semisup_mmselfsup", config=MMSelfSupConfig, version="1", label_efficiency="suffix")(semisup)

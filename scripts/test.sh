@@ -19,6 +19,12 @@ if [ "$mode" != off ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; th
 elif [ "$mode" = on ]; then
   echo "test: SSLBENCH_SLURM=on needs root and apt-get to start a local SLURM" >&2; exit 1
 fi
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "test: installing Debian's chromium (the report's browser test; log /tmp/sslbench-chromium.log)"
+  apt-get install -y -q chromium >/tmp/sslbench-chromium.log 2>&1 \
+    || { apt-get update -q >>/tmp/sslbench-chromium.log 2>&1 && apt-get install -y -q chromium >>/tmp/sslbench-chromium.log 2>&1; } \
+    || echo "test: chromium did not install: its test will skip"
+fi
 echo "test: ruff (benchmark methods protocols tests) and mypy --strict (benchmark)"
 .venv/bin/ruff check benchmark methods protocols tests
 .venv/bin/python -m mypy benchmark

@@ -22,6 +22,7 @@ from benchmark.data.datasets import load_splits
 from benchmark.data.sets import Images, ImageSet, Splits, resize
 from benchmark.data.stream import EvalTransform, StreamSet
 from benchmark.store.io import atomic_write_text
+from benchmark.store.predictions import rescore, single_label
 from benchmark.store.results import Row
 
 
@@ -57,12 +58,15 @@ def mean_class_accuracy(scores: Tensor, y: Tensor) -> float:
 def classification_rows(scores: Tensor, y: Tensor, suffix: str = "", **row: object) -> list[Row]:
     """The test rows every single-label classification protocol reports from its scores (N, K): top1, top5 (more
     than 5 classes), and `mean_class_acc` (for imbalanced test sets); `suffix` tags the metric names (`_1pct`,
-    `_res4`), `row` the remaining `Row` fields (selection, n_train, extra, split)."""
-    names = [("top1", topk_accuracy(scores, y, 1))]
-    if scores.shape[1] > 5:
-        names.append(("top5", topk_accuracy(scores, y, 5)))
-    names.append(("mean_class_acc", mean_class_accuracy(scores, y)))
-    return [Row(f"{m}{suffix}", v, **row) for m, v in names]  # type: ignore[arg-type]
+    `_res4`), `row` the remaining `Row` fields (selection, n_train, extra, split).
+
+    The values are computed from the per-sample predictions that test rows carry (`Row.samples`), so a stored set
+    re-scores its rows exactly; both accuracies read one `topk` ranking (at tied scores `mean_class_accuracy`'s argmax
+    may pick another of the tied classes)."""
+    p = single_label(scores, y)
+    names = ["top1", *(["top5"] if scores.shape[1] > 5 else []), "mean_class_acc"]
+    samples = p if row.get("split", "test") == "test" else None
+    return [Row(f"{m}{suffix}", rescore(p, m), samples=samples, **row) for m in names]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun cells that already have results")
     p.add_argument("--extract-part", metavar="I/N", help="only extract part I of N (1-based) of the frozen features the cells "
                    "read, e.g. one SLURM array task or GPU each; then run the same command without it")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html (the HTML report; also "
+                   "`run_benchmark.py report --out OUT`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--logger", default="none", choices=["none", "tensorboard"],
+                   help="tensorboard: each epoch's loss, monitors, online kNN and lr to <run dir>/tensorboard/ "
+                        "(same as --set pretrain.tensorboard=true; pip install tensorboard)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
     return p
 
@@ -176,7 +181,8 @@ def build_request(args: argparse.Namespace) -> Request:
     suite: Suite = SUITES.get(suite_name)
     if args.suite is None and device.type == "cuda" and suite.on_gpu:
         suite = SUITES.get(suite.on_gpu)
-    user = C.merge(*(C.load_yaml(f) for f in args.config), C.parse_set(args.sets))
+    logger = {"pretrain": {"tensorboard": True}} if args.logger == "tensorboard" else {}  # before --config and --set
+    user = C.merge(logger, *(C.load_yaml(f) for f in args.config), C.parse_set(args.sets))
     if args.data_root:
         user = C.merge(user, {"data": {"root": args.data_root}})
     checkpoints = tuple(parse_checkpoint(c, args) for c in args.checkpoint)
@@ -235,6 +241,18 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def _write_report(out: Path) -> str:
+    """OUT/report.html after a run; a failure to write it is said in one line (the run's tables stand)."""
+    from benchmark.run.report import write_report
+
+    try:
+        write_report([out], out / "report.html")
+    except (SSLBenchError, OSError) as e:
+        print(f"warning: report.html not written: {e}", file=sys.stderr)
+        return ""
+    return ", report.html"
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler's or `kill`'s), raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
 
@@ -278,6 +296,10 @@ def _main(argv: list[str]) -> int:
         from benchmark.run.throughput import main as throughput_main
 
         return throughput_main(rest[1:])
+    if rest[:1] == ["report"]:
+        from benchmark.run.report import main as report_main
+
+        return report_main(rest[1:])
     if rest[:1] == ["status"]:
         from benchmark.run.status import main as status_main
 
@@ -315,12 +337,15 @@ def _main(argv: list[str]) -> int:
         return 0  # a torchrun follower process: rank 0 reports
     print()
     print((out / "leaderboard.md").read_text())
+    report = _write_report(out) if not args.no_report else ""
     print(f"{summary.done} cells done, {summary.skipped} reused, {len(summary.failed)} failed in {time.perf_counter() - t0:.0f}s; "
-          f"tables in {out}/ (results.csv, leaderboard.csv, leaderboard.md)")
+          f"tables in {out}/ (results.csv, leaderboard.csv, leaderboard.md{report})")
     for line in summary.not_applicable:
         print(f"skipped (does not apply): {line}")
     if summary.diverged:
         print(f"diverged (no metrics): {', '.join(summary.diverged)}")
+    if summary.stopped:
+        print(f"stopped early (pretrain.stop_below): {', '.join(summary.stopped)} (reasons in {out}/failures.csv)")
     if summary.failed:
         print(f"failed: {', '.join(summary.failed)} (details in {out}/failures.csv and {out}/records/)", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from benchmark.run.executor import Executor, Job, current_job_id
 from benchmark.run.lock import holding
 from benchmark.store.checkpoints import sha256_file, verify
 from benchmark.store.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps
+from benchmark.store.predictions import Predictions, samples_path, save_samples
 from benchmark.store.provenance import git_info, now, versions
 from benchmark.store.results import Row, rebuild, row_dict, write_record
 from benchmark.train.distributed import launched_processes, process_group, rank, world_size
@@ -277,6 +278,10 @@ def _sections(task: PretrainTask) -> dict[str, Any]:
     return {"data": C.to_dict(task.data), "pretrain": C.to_dict(task.pretrain), task.method: C.to_dict(task.method_cfg)}
 
 
+# pretrainings that end finished but leave no encoder to evaluate: their cells get one NaN row with the status
+NO_ENCODER = ("diverged", "stopped")
+
+
 def run_pretrain(task: PretrainTask) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) one method; writes encoder weights and `pretrain.json`."""
     run_dir = Path(task.run_dir)
@@ -285,7 +290,7 @@ def run_pretrain(task: PretrainTask) -> dict[str, Any]:
         return _record_import(task, meta_path)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta["status"] == "diverged" or _encoder_ok(run_dir):
+        if meta["status"] in NO_ENCODER or _encoder_ok(run_dir):
             return dict(meta)
     # started as several processes (torchrun, or one SLURM task per GPU): they train together, rank 0 writes
     with process_group(torch.device(task.device)) as device:
@@ -309,16 +314,18 @@ def _pretrain_here(task: PretrainTask, device: torch.device) -> dict[str, Any]:
     model = build_method(METHODS.get(task.method), task.method_cfg, task.pretrain, splits, task.seed)
     trainable = Hooks.of(model).trainable and task.pretrain.epochs > 0
     cfg = task.pretrain if trainable else dataclasses.replace(task.pretrain, epochs=0)
-    outcome = pretrain(model, splits, cfg, task.seed, run_dir / "checkpoints", device, task.progress, desc=task.label)
+    outcome = pretrain(model, splits, cfg, task.seed, run_dir / "checkpoints", device, task.progress, desc=task.label,
+                       tensorboard_dir=run_dir / "tensorboard")
     if not lead:
         return {"status": outcome.status, "rank": rank()}
     meta = {"status": outcome.status, "method": task.method, "dataset": task.dataset, "seed": task.seed,
             "pretrain_hash": task.pretrain_hash, "attempts": attempts, "steps": outcome.steps,
-            "diverged_at": outcome.diverged_at, "diverged_because": outcome.reason, "last_finite_loss": outcome.last_finite_loss,
+            "diverged_at": outcome.diverged_at, "diverged_because": outcome.reason if outcome.status != "stopped" else "",
+            "stopped_because": outcome.reason if outcome.status == "stopped" else "", "last_finite_loss": outcome.last_finite_loss,
             "history": outcome.history, "wall_s": time.perf_counter() - t0, "finished_at": now(),
             "device": describe(device), "dim": int(getattr(outcome.encoder, "dim", 0)), "processes": world_size(),
             "git_sha": sha, "git_dirty": dirty, "versions": versions()}
-    if outcome.status != "diverged":
+    if outcome.status not in NO_ENCODER:
         _save_encoder(outcome.encoder, run_dir / "encoder.safetensors")
         meta["encoder_sha256"] = sha256_file(run_dir / "encoder.safetensors")
     atomic_write_json(meta_path, meta)
@@ -363,14 +370,14 @@ def _encoder_ok(run_dir: Path) -> bool:
 
 
 def _encoder_ready(task: PretrainTask) -> bool:
-    """The pretraining job left what evaluation needs: `pretrain.json` and (unless diverged or an imported
+    """The pretraining job left what evaluation needs: `pretrain.json` and (unless diverged, stopped or an imported
     checkpoint) a verified encoder file."""
     meta_path = Path(task.run_dir) / "pretrain.json"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return False
-    return bool(task.checkpoint is not None or meta.get("status") == "diverged" or _encoder_ok(Path(task.run_dir)))
+    return bool(task.checkpoint is not None or meta.get("status") in NO_ENCODER or _encoder_ok(Path(task.run_dir)))
 
 
 def _in_channels(module: torch.nn.Module) -> int | None:
@@ -467,6 +474,8 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     rows: list[Row]
     if meta["status"] == "diverged":
         rows = [Row("diverged", float("nan"), extra={"step": meta.get("diverged_at"), "because": meta.get("diverged_because") or "loss not finite"})]
+    elif meta["status"] == "stopped":
+        rows = [Row("stopped", float("nan"), extra={"because": meta.get("stopped_because") or "pretrain.stop_below"})]
     else:
         data, encoder, splits = evaluation_inputs(pt, task.eval_cfg, device)
         prov["dataset_fingerprint"] = data.fingerprint
@@ -484,9 +493,27 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
     prov["finished_at"], prov["wall_s"] = now(), round(time.perf_counter() - t0, 3)
     record = {"status": prov["status"], "config": {**_sections(pt), task.protocol: C.to_dict(task.protocol_cfg)},
               "versions": v, "rows": [row_dict(r, prov) for r in rows]}
+    record.update(_write_samples(Path(task.record_path), rows))  # before the record: a record never names a missing file
     write_record(Path(task.record_path), record)
     Path(task.record_path).with_suffix(".failed.json").unlink(missing_ok=True)
     return record
+
+
+def _write_samples(record_path: Path, rows: list[Row]) -> dict[str, Any]:
+    """The rows' per-sample predictions (sets shared by several rows written once) as `<record>.samples.npz`; the
+    record's `samples` entry naming the file and each metric's set ({} when no row has any)."""
+    sets: dict[int, tuple[str, Predictions]] = {}
+    metrics = {}
+    for r in rows:
+        if r.samples is not None:
+            name, _ = sets.setdefault(id(r.samples), (f"s{len(sets)}", r.samples))
+            metrics[r.metric] = name
+    path = samples_path(record_path)
+    if not sets:
+        path.unlink(missing_ok=True)
+        return {}
+    save_samples(path, dict(sets.values()))
+    return {"samples": {"file": path.name, "metrics": metrics}}
 
 
 def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = "") -> dict[str, Any]:
@@ -521,6 +548,7 @@ class Summary:
     skipped: int = 0
     failed: list[str] = dataclasses.field(default_factory=list)
     diverged: list[str] = dataclasses.field(default_factory=list)
+    stopped: list[str] = dataclasses.field(default_factory=list)  # pretrain.stop_below ended their pretraining
     not_applicable: list[str] = dataclasses.field(default_factory=list)  # "label: reason"
 
 
@@ -532,7 +560,7 @@ def _finished(task: EvalTask) -> bool:
         rec = json.loads(p.read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(rec, dict) or rec.get("status") not in ("ok", "collapsed", "diverged", "skipped"):
+    if not isinstance(rec, dict) or rec.get("status") not in ("ok", "collapsed", "diverged", "stopped", "skipped"):
         return False
     rows = rec.get("rows")
     return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and r.get("config_hash") == task.config_hash
@@ -677,7 +705,9 @@ def _on_pretrained(pt: PretrainTask, job: Job[Any], cells: list[EvalTask], execu
         return [(t, None, err) for t in cells]
     meta = job.result()
     last = meta["history"][-1] if meta["history"] else {}
-    echo(f"{head} {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else ""))
+    echo(f"{head} {meta['status']} in {meta['wall_s']:.0f}s" + (f", loss {last['loss']:.3f}, rankme {last['rankme']:.1f}" if last else "")
+         + (f", knn top1 {100 * last['knn_top1']:.2f}" if "knn_top1" in last else "")
+         + (f": {meta['stopped_because']}" if meta.get("stopped_because") else ""))
     jobs = executor.map(run_eval, cells, kind="eval")
     if executor.name != "local":
         _note_jobs(out, {t.label: _job_note(j, executor, "eval") for t, j in zip(cells, jobs)})
@@ -686,7 +716,7 @@ def _on_pretrained(pt: PretrainTask, job: Job[Any], cells: list[EvalTask], execu
 
 
 def _collect(outcome: Outcome, head: str, summary: Summary, echo: Any) -> None:
-    """Wait for one cell's evaluation job and count it: done (and diverged), skipped, or failed with its record."""
+    """Wait for one cell's evaluation job and count it: done (and diverged or stopped), skipped, or failed with its record."""
     task, ejob, pre_err = outcome
     err = pre_err if ejob is None else ejob.exception()
     if err is None and not _finished(task):  # "success" without a valid record is a failure (T15)
@@ -708,5 +738,7 @@ def _collect(outcome: Outcome, head: str, summary: Summary, echo: Any) -> None:
     summary.done += 1
     if rec["status"] == "diverged":
         summary.diverged.append(task.label)
+    if rec["status"] == "stopped":
+        summary.stopped.append(task.label)
     shown = ", ".join(f"{r['metric']} {100 * r['value']:.2f}" for r in rec["rows"] if r["split"] == "test" and r["value"] == r["value"])
     echo(f"{head} {task.label}: {rec['status']} {shown}")

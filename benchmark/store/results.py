@@ -17,13 +17,14 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from benchmark.store.io import atomic_write_json, atomic_write_text, is_temp
+from benchmark.store.predictions import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Row:
     min: float | None = None
     max: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the test predictions behind the value (one set shared by a protocol's rows), written beside the record
+    samples: Predictions | None = field(default=None, compare=False, repr=False)
 
 
 # Columns of results.csv, in order. Every record row has all of them.
@@ -54,7 +57,7 @@ COLUMNS = [
     "device", "effective_batch_size", "attempts", "started_at", "finished_at", "wall_s", "job_id", "log",
 ]
 KEY = ["method", "protocol", "protocol_version", "dataset", "seed"]  # a cell up to its configuration
-STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "failed": 4}
+STATUS_ORDER = {"ok": 0, "collapsed": 1, "skipped": 2, "diverged": 3, "stopped": 4, "failed": 5}
 
 
 # Filled in every row of a finished (ok / collapsed) cell: what makes its number traceable.
@@ -106,8 +109,8 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     atomic_write_json(path, record)
 
 
-def read_records(root: Path) -> list[dict[str, Any]]:
-    """All parseable records under `root/records`; temp files skipped, unparseable ones warned about."""
+def record_files(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every parseable record under `root/records` with its file; temp files skipped, unparseable ones warned about."""
     out = []
     for p in sorted((root / "records").rglob("*.json")):
         if is_temp(p):
@@ -118,8 +121,13 @@ def read_records(root: Path) -> list[dict[str, Any]]:
             log.warning("skipping unreadable record %s: %s", p, e)
             continue
         if isinstance(rec, dict) and isinstance(rec.get("rows"), list):
-            out.append(rec)
+            out.append((p, rec))
     return out
+
+
+def read_records(root: Path) -> list[dict[str, Any]]:
+    """All parseable records under `root/records` (see `record_files`)."""
+    return [rec for _, rec in record_files(root)]
 
 
 def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -153,7 +161,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[(df["split"] == "test") & df["status"].isin(["ok", "collapsed"]) & df["value"].notna()].copy()
     if ok.empty:
         return pd.DataFrame(columns=["method"])
-    ok["row"], ok["column"] = _labels(ok)
+    ok["row"], ok["column"] = cell_labels(ok)
     g = ok.groupby(["row", "column"])["value"]
     ci = ok.assign(ci95=pd.to_numeric(ok["ci95"], errors="coerce")).groupby(["row", "column"])["ci95"].mean()
     stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "n": g.count(), "ci95": ci}).reset_index()
@@ -190,7 +198,7 @@ def _column_order(column: str) -> tuple[str, bool, str]:
     return base, column != base, column
 
 
-def _labels(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def cell_labels(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """The leaderboard row and column of each result. A row is one pretrained encoder: `method [variant]`, the
     variant being what its data, pretraining or method config changes from the suite; one row per suite. A column is
     `dataset/protocol@version [protocol variant]/metric`. Where a row or column would still mix two settings (a code
@@ -220,14 +228,56 @@ def failures(df: pd.DataFrame) -> pd.DataFrame:
     return bad.drop_duplicates(KEY + ["config_hash"])[KEY + ["variant", "protocol_variant", "status", "flags", "job_id", "log"]].reset_index(drop=True)
 
 
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value: `map_k2` before `map_k16`, `top1_1pct` before `top1_10pct`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def protocol_sections(columns: list[str]) -> dict[str, list[str]]:
+    """Leaderboard columns (`dataset/protocol@version [variant]/metric`) grouped by what precedes the metric, in
+    column order; each section's columns in natural metric order."""
+    sections: dict[str, list[str]] = {}
+    for c in columns:
+        if "/" in c:
+            sections.setdefault(c.rsplit("/", 1)[0], []).append(c)
+    return {k: sorted(v, key=lambda c: _metric_order(c.rsplit("/", 1)[1])) for k, v in sections.items()}
+
+
+METRIC_ORDER = ("top1", "top5", "mean_class_acc", "map")  # the order a protocol's metrics are shown in; others after
+
+
+def _metric_order(metric: str) -> tuple[int, list[Any]]:
+    first = next((i for i, m in enumerate(METRIC_ORDER) if metric == m or metric.startswith(m + "_")), len(METRIC_ORDER))
+    return first, natural_key(metric)
+
+
+RUN_COLUMNS = ["n_seeds", "suite", "backbone", "device", "flags"]  # per leaderboard row, beside the metric columns
+
+
+def _first_number(cells: pd.Series) -> pd.Series:
+    return pd.to_numeric(cells.astype(str).str.split(" ").str[0].replace("", "nan"), errors="coerce")
+
+
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    cols = list(table.columns)
-    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    lines += ["", "Values: test-split metric in %, mean ± std over seeds (n_seeds); with one seed, (±x) is the protocol's own 95% "
+    """One table per protocol section (methods x that protocol's metrics, best first by its first metric), then one
+    table of the rows' runs (seeds, suite, backbone, device, flags)."""
+    lines = [f"# {title}", ""]
+    for section, cols in protocol_sections([c for c in table.columns if c != "method"]).items():
+        part = table[["method", *cols]]
+        part = part[(part[cols] != "").any(axis=1)]
+        part = part.assign(_o=_first_number(part[cols[0]])).sort_values(["_o", "method"], ascending=[False, True], na_position="last")
+        lines += [f"## {section}", "", *_markdown_rows(part.drop(columns="_o"), ["method", *(c.rsplit("/", 1)[1] for c in cols)]), ""]
+    runs = ["method", *(c for c in RUN_COLUMNS if c in table.columns)]
+    if len(table):
+        lines += ["## runs", "", *_markdown_rows(table[runs], runs), ""]
+    lines += ["Values: test-split metric in %, mean ± std over seeds (n_seeds); with one seed, (±x) is the protocol's own 95% "
               "interval over its episodes or draws. Generated by run_benchmark.py; do not edit."]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_rows(part: pd.DataFrame, header: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in part.itertuples(index=False)]
 
 
 def rebuild(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -247,7 +297,7 @@ def rebuild(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def row_dict(row: Row, provenance: dict[str, Any]) -> dict[str, Any]:
-    d = {**provenance, **{k: v for k, v in asdict(row).items() if k != "extra"}}
+    d = {**provenance, **{f.name: getattr(row, f.name) for f in fields(row) if f.name not in ("extra", "samples")}}
     if row.extra:
         d["flags"] = ",".join(filter(None, [str(d.get("flags") or ""), *(f"{k}={v}" for k, v in row.extra.items())]))
     if row.n_train is None:

@@ -26,14 +26,14 @@ from tqdm import tqdm
 from benchmark.backbones import build_backbone
 from benchmark.config import PretrainConfig
 from benchmark.data.augment import ViewSpec, augment, make_views
-from benchmark.data.sets import ImageSet, Splits
+from benchmark.data.sets import Images, ImageSet, Splits
 from benchmark.data.stream import CropSpec, StreamSet
 from benchmark.device import is_oom
 from benchmark.errors import ConfigError, SSLBenchError
 from benchmark.store.checkpoints import CheckpointDir
 from benchmark.train.distributed import all_reduce_mean, average_gradients, rank, world_size
 from benchmark.train.method import Hooks, Method, check_method
-from benchmark.train.monitors import is_collapsed, rankme, std_of_l2_normalized
+from benchmark.train.monitors import is_collapsed, knn_predict, rankme, std_of_l2_normalized
 from benchmark.train.optim import base_lr, build_optimizer, clip_per_parameter, lr_at, set_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,13 @@ def derive_seed(*parts: int | str) -> int:
 
 @dataclass
 class PretrainOutcome:
-    status: str  # ok | collapsed | diverged
+    status: str  # ok | collapsed | diverged | stopped
     encoder: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     diverged_at: int | None = None
     last_finite_loss: float | None = None
     steps: int = 0
-    reason: str = ""  # diverged: what was not finite or not sane
+    reason: str = ""  # diverged: what was not finite or not sane; stopped: the stop_below milestone missed
 
 
 def build_method(method_cls: Callable[..., Any], method_cfg: Any, cfg: PretrainConfig, splits: Splits, seed: int) -> nn.Module:
@@ -104,6 +104,77 @@ def collapse_stats(encoder: nn.Module, splits: Splits, device: torch.device, n: 
     return {"std_l2": std_of_l2_normalized(z), "rankme": rankme(z)}
 
 
+def knn_bank(n_train: int, size: int, seed: int) -> Tensor:
+    """The online kNN's bank: `size` sorted indices into the training set, a random subset fixed by `seed` (from its
+    own generator: the run's random numbers are untouched); all of them when the set is no larger."""
+    if n_train <= size:
+        return torch.arange(n_train)
+    g = torch.Generator().manual_seed(derive_seed(seed, "knn_bank"))
+    return torch.randperm(n_train, generator=g)[:size].sort().values
+
+
+def knn_due(cfg: PretrainConfig, epochs_done: int) -> bool:
+    """Whether the online kNN runs after `epochs_done` epochs: every `eval_every` epochs and at the last one (unless
+    eval_every is 0), and at every stop_below milestone."""
+    every = cfg.eval_every > 0 and (epochs_done % cfg.eval_every == 0 or epochs_done == cfg.epochs)
+    return every or epochs_done in cfg.milestones
+
+
+def missed_milestone(cfg: PretrainConfig, entry: dict[str, float]) -> str:
+    """Why the run stops after the history `entry` ("" when it goes on): its epoch is a stop_below milestone and the
+    online kNN top-1 is below the milestone's minimum."""
+    low = cfg.milestones.get(int(entry["epoch"]))
+    if low is None or "knn_top1" not in entry or entry["knn_top1"] >= low:
+        return ""
+    return f"knn top1 {entry['knn_top1']:.4f} < {low:g} at epoch {int(entry['epoch'])} (pretrain.stop_below)"
+
+
+def _features(encoder: nn.Module, images: Images, idx: Tensor, splits: Splits, device: torch.device,
+              batch: int = 512) -> Tensor:
+    """Features (len(idx), D) of images[idx] on `device`, normalised as `collapse_stats` and the protocols' frozen
+    encoder do (uint8 / 255, then the split's mean and std; bf16 autocast on CUDA, as that encoder)."""
+    mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
+    out = []
+    for xb in images.loader(list(torch.split(idx, batch)), pin=device.type == "cuda"):
+        x = (xb.to(device, non_blocking=True).float() / 255 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(encoder(x).float())
+    return torch.cat(out)
+
+
+def online_knn(encoder: nn.Module, splits: Splits, bank: Tensor, cfg: PretrainConfig, device: torch.device) -> dict[str, float]:
+    """`knn_top1` (and `knn_top5` with more than 5 classes) of all of `splits.val` by DINO's vote (pretrain.knn_k,
+    knn_temperature) over the training images `bank`, with the encoder as it is now; `knn_s`: the seconds it took.
+
+    It only observes: eval mode under no_grad (no BN statistics move), each module's mode put back after, and the RNG
+    states forked (a streamed set's DataLoader draws a seed), so training is bit-identical with it on or off. Every
+    process evaluates and the values are averaged over them, so that all take the same stop_below decision."""
+    t0 = time.perf_counter()
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            bank_f = _features(encoder, splits.train, bank, splits, device)
+            val_f = _features(encoder, splits.val, torch.arange(len(splits.val)), splits, device)
+            scores = knn_predict(bank_f, splits.train.y[bank].to(device), val_f, cfg.knn_k, cfg.knn_temperature,
+                                 splits.num_classes)  # (len(val), num_classes)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    y = splits.val.y.to(device).view(-1, 1)
+    hits = [(scores.topk(1, dim=1).indices == y).any(dim=1)]  # topk(1), as the protocol's top-1 (ties alike)
+    if splits.num_classes > 5:
+        hits.append((scores.topk(5, dim=1).indices == y).any(dim=1))
+    acc = all_reduce_mean(torch.stack([h.float().mean() for h in hits])).tolist()
+    return {"knn_top1": acc[0], **({"knn_top5": acc[1]} if len(acc) > 1 else {}), "knn_s": time.perf_counter() - t0}
+
+
+def knn_applies(splits: Splits) -> bool:
+    """The online kNN needs single-label classes, a training set and a validation split."""
+    return splits.train.y.ndim == 1 and len(splits.train) > 0 and len(splits.val) > 0
+
+
 def pretrain(
     model: nn.Module,
     splits: Splits,
@@ -113,17 +184,20 @@ def pretrain(
     device: torch.device,
     progress: bool = True,
     desc: str = "pretrain",
+    tensorboard_dir: Path | None = None,
 ) -> PretrainOutcome:
     """Train `model` on `splits.train` (labels withheld unless the method uses them).
 
     Resumes from the newest valid checkpoint in `ckpt_dir`. Raises nothing for divergence: a
-    non-finite loss ends the run with status `diverged`. With `cfg.compile` the model's parts run compiled during
-    training only.
+    non-finite loss ends the run with status `diverged`; a missed `cfg.stop_below` milestone ends it with status
+    `stopped`. With `cfg.compile` the model's parts run compiled during training only. With `cfg.tensorboard` each
+    epoch's scalars go to `tensorboard_dir` (None: `ckpt_dir`'s parent / "tensorboard").
     """
     uncompile = compile_parts(model, cfg.compile)
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        return _pretrain(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+        board = tensorboard_dir if tensorboard_dir is not None else ckpt_dir.parent / "tensorboard"
+        return _pretrain(model, splits, cfg, seed, ckpt_dir, device, progress, desc, board)
     finally:
         uncompile()
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # the caller's, not this run's
@@ -158,6 +232,9 @@ class _Run:
     step: int = 0
     last_finite: float | None = None
     desc: str = "pretrain"
+    bank: Tensor | None = None  # the online kNN's training images (None: the data has no single-label val split)
+    board: Any = None  # the TensorBoard writer (pretrain.tensorboard, rank 0)
+    shown: dict[str, str] = field(default_factory=dict)  # kept in the progress bar's postfix (the last online kNN)
 
     def diverged(self, at: int, why: float | str) -> PretrainOutcome:
         """The run's end at step `at`: the loss `why` was inf, NaN or beyond the method's bound, or `why` says what
@@ -167,6 +244,12 @@ class _Run:
                                                                          f" beyond the method's bound {self.hooks.loss_bound:g}")
         log.error("diverged at step %d: %s (last sane loss %s)", at, reason, self.last_finite)
         return PretrainOutcome("diverged", self.method.encoder(), self.history, at, self.last_finite, at, reason)
+
+    def stopped(self, why: str) -> PretrainOutcome:
+        """The run's end after a missed stop_below milestone (`why`); its checkpoint is saved."""
+        self.bar.close()
+        log.warning("%s stopped early: %s", self.desc, why)
+        return PretrainOutcome("stopped", self.method.encoder(), self.history, None, self.last_finite, self.step, why)
 
 
 class PretrainOOM(SSLBenchError):
@@ -202,8 +285,23 @@ def _insane_weights(module: nn.Module) -> str:
 
 
 def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, ckpt_dir: Path, device: torch.device,
-              progress: bool, desc: str) -> PretrainOutcome:
-    run = _prepare(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+              progress: bool, desc: str, board_dir: Path) -> PretrainOutcome:
+    board = _board(cfg, board_dir, rank())  # before any work: a missing package is one line, not a lost epoch
+    try:
+        run = _prepare(model, splits, cfg, seed, ckpt_dir, device, progress, desc)
+        run.board = board
+        return _epochs(run)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _epochs(run: _Run) -> PretrainOutcome:
+    """The epochs from `run.start_epoch` on, each followed by its monitors, online kNN when due, and checkpoint."""
+    cfg, splits, device, seed, desc = run.cfg, run.splits, run.device, run.seed, run.desc
+    why = missed_milestone(cfg, run.history[-1]) if run.history else ""
+    if why:  # resumed from the checkpoint a stopped run saved (killed before its pretrain.json was written)
+        return run.stopped(why)
     for epoch in range(run.start_epoch, cfg.epochs):
         if run.hooks.before_epoch is not None:
             run.hooks.before_epoch(epoch, splits, device, derive_seed(seed, "before_epoch", epoch))
@@ -217,9 +315,17 @@ def _pretrain(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, 
             return run.diverged(run.step, why)
         stats = collapse_stats(run.method.encoder(), splits, device)
         run.history.append({"epoch": epoch + 1, "loss": running / run.steps_per_epoch, "epoch_s": time.perf_counter() - t0, **stats})
+        if run.bank is not None and knn_due(cfg, epoch + 1):
+            run.history[-1].update(online_knn(run.method.encoder(), splits, run.bank, cfg, device))
+            run.shown["knn"] = f"{run.history[-1]['knn_top1']:.3f}"
+            run.bar.set_postfix(epoch=epoch + 1, loss=f"{run.history[-1]['loss']:.3f}", **run.shown)
         log.info("%s epoch %d: %s", desc, epoch + 1, run.history[-1])
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+        why = missed_milestone(cfg, run.history[-1])
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or why:
             _save(run, epoch + 1)
+        _log_board(run)
+        if why:
+            return run.stopped(why)
     run.bar.close()
     final = run.history[-1] if run.history else collapse_stats(run.method.encoder(), splits, device)
     dim = int(getattr(run.method.encoder(), "dim", 1))
@@ -250,6 +356,14 @@ def _prepare(model: nn.Module, splits: Splits, cfg: PretrainConfig, seed: int, c
                warmup=round(cfg.warmup_epochs * steps_per_epoch), world=world, me=me,
                sync_every=cfg.sync_every or (50 if device.type == "cuda" else 1), amp=device.type == "cuda" and cfg.amp,
                params=[p for p in model.parameters() if p.requires_grad], desc=desc)
+    if knn_applies(splits):
+        run.bank = knn_bank(len(splits.train), cfg.knn_bank, seed)
+    elif cfg.milestones:
+        raise ConfigError(f"pretrain.stop_below={cfg.stop_below!r} needs the online kNN, which needs single-label classes "
+                          f"and a validation split; {splits.name} has none: unset pretrain.stop_below")
+    late = sorted(e for e in cfg.milestones if e > cfg.epochs)
+    if late:
+        log.warning("pretrain.stop_below: milestone epoch(s) %s beyond pretrain.epochs=%d are never reached", late, cfg.epochs)
     state = run.ckpts.load_latest()
     if state is not None:
         model.load_state_dict(state["model"])
@@ -351,8 +465,35 @@ def _train_epoch(run: _Run, epoch: int) -> float | PretrainOutcome:
                     return run.diverged(first + k, value)
                 run.last_finite = value
                 running += value
-            run.bar.set_postfix(epoch=epoch + 1, loss=f"{values[-1]:.3f}", refresh=False)
+            run.bar.set_postfix(epoch=epoch + 1, loss=f"{values[-1]:.3f}", refresh=False, **run.shown)
     return running
+
+
+def _board(cfg: PretrainConfig, folder: Path, me: int) -> Any:
+    """A TensorBoard writer into `folder` with pretrain.tensorboard on rank 0, else None."""
+    if not cfg.tensorboard or me != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("pretrain.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+BOARD_SCALARS = ("loss", "std_l2", "rankme", "knn_top1", "knn_top5")  # of a history entry, where present
+
+
+def _log_board(run: _Run) -> None:
+    """The last history entry's scalars, and the lr of the epoch's last step, at step = epoch (`pretrain/<key>`)."""
+    if run.board is None:
+        return
+    entry, cfg = run.history[-1], run.cfg
+    epoch = int(entry["epoch"])
+    for key in BOARD_SCALARS:
+        if key in entry:
+            run.board.add_scalar(f"pretrain/{key}", entry[key], epoch)
+    run.board.add_scalar("pretrain/lr", lr_at(max(0, run.step - 1), run.total, run.warmup, base_lr(cfg), cfg.min_lr), epoch)
+    run.board.flush()
 
 
 def _save(run: _Run, epochs_done: int) -> None:

@@ -28,8 +28,10 @@ from benchmark.config import check, hashed_if_set, nohash
 from benchmark.data.sets import Splits
 from benchmark.evaluate.encoder import Encoder, split_features
 from benchmark.evaluate.layers import GOYAL_DIMS, check_layers, layer_encoders
-from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext, mean_class_accuracy, topk_accuracy
+from benchmark.evaluate.protocol import NO_CONTEXT, EvalContext
 from benchmark.registry import register_protocol
+from benchmark.store.predictions import Predictions, mean_average_precision, multilabel, rescore
+from benchmark.store.predictions import average_precision as average_precision
 from benchmark.store.results import Row
 
 log = logging.getLogger(__name__)
@@ -71,34 +73,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """VOC-style AP of one class: area under the monotone precision envelope of the P/R curve.
-
-    As VISSL's `svm_utils/evaluate.py`: samples labelled -1 ("difficult") are dropped, labels > 0 are
-    positives, samples are ranked by descending score and tied scores are not merged: each sample is its
-    own point of the curve, ties ordered by descending index (a stable ascending sort, reversed).
-
-    Args:
-        scores: (N,) decision values.
-        labels: (N,) 1 = positive, 0 = negative, -1 = ignored.
-    Returns:
-        AP in [0, 1]; NaN when no positive remains.
-    """
-    keep = labels != -1
-    s, pos = np.asarray(scores, dtype=np.float64)[keep], np.asarray(labels)[keep] > 0
-    if not pos.any():
-        return float("nan")
-    hit = pos[np.argsort(s, kind="stable")[::-1]]
-    tp = np.cumsum(hit)
-    precision = tp / np.arange(1, len(hit) + 1)
-    recall = tp / tp[-1]
-    mrec = np.concatenate([[0.0], recall, [1.0]])
-    mpre = np.concatenate([[0.0], precision, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision at recall r = best precision at any recall >= r
-    step = np.nonzero(mrec[1:] != mrec[:-1])[0] + 1
-    return float(((mrec[step] - mrec[step - 1]) * mpre[step]).sum())
+# VOC AP (`average_precision`, `mean_average_precision`) lives in benchmark/store/predictions.py, so that the stored
+# test predictions re-score with this very code; `average_precision` stays importable from here.
 
 
 def class_targets(y: torch.Tensor | np.ndarray, num_classes: int) -> np.ndarray:
@@ -109,12 +85,6 @@ def class_targets(y: torch.Tensor | np.ndarray, num_classes: int) -> np.ndarray:
     out = np.zeros((len(y), num_classes), dtype=np.int64)
     out[np.arange(len(y)), y] = 1
     return out
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mAP over classes that have a test positive, per-class AP (K,) with NaN for the others)."""
-    aps = np.array([average_precision(scores[:, c], targets[:, c]) for c in range(targets.shape[1])])
-    return (float(np.nanmean(aps)) if np.isfinite(aps).any() else float("nan")), aps
 
 
 # --------------------------------------------------------------------------- fitting
@@ -230,14 +200,20 @@ def features_np(x: torch.Tensor, cfg: Config) -> np.ndarray:
     return l2_normalize(a) if cfg.l2_normalize else a
 
 
-def evaluate(fits: list[ClassFit], x_test: np.ndarray, y_test: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """{"map": ..., "top1", "mean_class_acc": ... (single-label only), "classes_without_positives": n} on the test set."""
-    scores = decision_values(fits, x_test)
-    m, aps = mean_average_precision(scores, class_targets(y_test, num_classes))
+def predictions_on(fits: list[ClassFit], x_test: np.ndarray, y_test: torch.Tensor, num_classes: int) -> Predictions:
+    """The test set's targets (N, K) and SVM scores (N, K), from which every test row is scored."""
+    return multilabel(decision_values(fits, x_test), class_targets(y_test, num_classes))
+
+
+def evaluate(fits: list[ClassFit], x_test: np.ndarray, y_test: torch.Tensor, num_classes: int,
+             preds: Predictions | None = None) -> dict[str, float]:
+    """{"map": ..., "top1", "mean_class_acc": ... (single-label only), "classes_without_positives": n} on the test set
+    (scored from `preds`, `predictions_on(...)` when not given)."""
+    p = preds if preds is not None else predictions_on(fits, x_test, y_test, num_classes)
+    m, aps = mean_average_precision(p.scores, p.y)  # = rescore(p, "map"), by the same code
     out = {"map": m, "classes_without_positives": float(np.isnan(aps).sum())}
     if y_test.ndim == 1:
-        out["top1"] = topk_accuracy(torch.from_numpy(scores), y_test, 1)
-        out["mean_class_acc"] = mean_class_accuracy(torch.from_numpy(scores), y_test)
+        out.update({name: rescore(p, name) for name in ("top1", "mean_class_acc")})
     return out
 
 
@@ -262,7 +238,9 @@ def _probe(encoder: Encoder, data: Splits, cfg: Config, seed: int, suffix: str) 
     x = features_np(torch.cat([f["train"][0], f["val"][0]]), cfg)
     y = torch.cat([f["train"][1], f["val"][1]])
     fits = fit_classes(x, class_targets(y, data.num_classes), cfg, seed)
-    test = evaluate(fits, features_np(f["test"][0], cfg), f["test"][1], data.num_classes)
+    x_test = features_np(f["test"][0], cfg)
+    preds = predictions_on(fits, x_test, f["test"][1], data.num_classes)
+    test = evaluate(fits, x_test, f["test"][1], data.num_classes, preds)
     folds = sorted({fit.folds for fit in fits})
     how = f"{'/'.join(map(str, folds))}-fold CV AP per class" if folds != [0] else "fixed"
     sel = f"{how}: {describe_costs(fits)} of {len(cfg.costs)}"
@@ -275,8 +253,8 @@ def _probe(encoder: Encoder, data: Splits, cfg: Config, seed: int, suffix: str) 
     if all(fit.cv_ap is not None for fit in fits):
         cv_map = float(np.mean([fit.cv_ap.max() for fit in fits if fit.cv_ap is not None]))
         rows.append(Row(f"map{suffix}", cv_map, split="val", selection=sel, n_train=n, extra=extra))
-    rows.append(Row(f"map{suffix}", test["map"], selection=sel, n_train=n, extra=extra))
-    rows += [Row(f"{m}{suffix}", test[m], selection=sel, n_train=n, extra=extra) for m in ("top1", "mean_class_acc") if m in test]
+    rows += [Row(f"{m}{suffix}", test[m], selection=sel, n_train=n, extra=extra, samples=preds)
+             for m in ("map", "top1", "mean_class_acc") if m in test]
     return rows
 
 

@@ -509,11 +509,15 @@ def _write_samples(record_path: Path, rows: list[Row]) -> dict[str, Any]:
             name, _ = sets.setdefault(id(r.samples), (f"s{len(sets)}", r.samples))
             metrics[r.metric] = name
     path = samples_path(record_path)
-    if not sets:
-        path.unlink(missing_ok=True)
-        return {}
-    save_samples(path, dict(sets.values()))
-    return {"samples": {"file": path.name, "metrics": metrics}}
+    if sets:
+        try:
+            save_samples(path, dict(sets.values()))
+            return {"samples": {"file": path.name, "metrics": metrics}}
+        except OSError as e:  # the numbers still count; only the paired tests of this cell are lost
+            log.warning("per-sample predictions not written to %s (%s); the record keeps its rows", path, e)
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)  # an earlier attempt's file must not pass for this one's
+    return {}
 
 
 def failed_record(task: EvalTask, error: BaseException, job_id: str, log: str = "") -> dict[str, Any]:

@@ -289,7 +289,8 @@ def paired_bootstrap(a: Sequence[Predictions], b: Sequence[Predictions], metric:
     score_a, score_b = [_scorer(p, base) for p in a], [_scorer(p, base) for p in b]
 
     def diff(w: np.ndarray) -> np.ndarray:
-        return np.mean([s(w) for s in score_a], axis=0) - np.mean([s(w) for s in score_b], axis=0)
+        d: np.ndarray = np.mean([s(w) for s in score_a], axis=0) - np.mean([s(w) for s in score_b], axis=0)
+        return d
 
     delta = float(diff(np.ones((1, n)))[0])
     rng = np.random.default_rng(seed)

@@ -46,7 +46,7 @@ def _record_state(path: Path) -> tuple[str, str]:
     try:
         rec = json.loads(path.read_text())
         status = rec.get("status", "")
-        if status in ("ok", "collapsed", "diverged"):
+        if status in ("ok", "collapsed", "diverged", "stopped"):
             return "done", "" if status == "ok" else status
         if status == "skipped":
             return "skipped", str(rec["rows"][0].get("flags", ""))

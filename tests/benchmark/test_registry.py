@@ -56,7 +56,7 @@ def test_registration_keys_are_checked_when_a_plugin_registers() -> None:
 
 def test_the_real_registries_declare_their_keys() -> None:
     assert set(METHODS.meta_keys) == {"pretrain", "pretrain_fixed", "backbones"}
-    assert set(PROTOCOLS.meta_keys) == {"version", "multilabel"}
+    assert set(PROTOCOLS.meta_keys) == {"version", "multilabel", "label_efficiency"}
     for reg in (METHODS, PROTOCOLS):
         for name in reg.names():
             assert set(reg.entry(name).meta) <= set(reg.meta_keys), name

@@ -41,9 +41,9 @@ class Predictions:
         scores (N, k) float32, the scores of those classes (float32, not float16: kNN vote scores reach
         k·exp(1/T) ≈ 3e7, past float16's 65504; no metric reads them).
     kind "multilabel": y (N, K) int8 targets, 1 present, 0 absent, -1 difficult (as the svm protocols score them);
-        top as above; scores (N, K) every class score, float32 where that keeps each class's ranking (VOC AP depends
-        only on it), else float64 (a float32 cast merges neighbouring decision values often enough on thousands of
-        test images to move AP by ~1e-6).
+        top as above; scores (N, K) every class score, float32 where that keeps each class's labels in the same rank
+        order (VOC AP depends only on it), else float64 (a float32 cast merges a pair of neighbouring decision
+        values in about half the classes of 5,000 test images; a pair of two labels in the wrong order moves AP).
     """
 
     kind: str
@@ -80,19 +80,20 @@ def multilabel(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> Pre
     t = torch.as_tensor(targets).detach().cpu().numpy()
     if t.shape != tuple(s.shape) or not np.isin(t, (-1, 0, 1)).all():
         raise ValueError(f"multi-label targets must be (N, K) = {tuple(s.shape)} in {{1, 0, -1}}, got {t.shape}")
-    return Predictions("multilabel", t.astype(np.int8), idx.numpy().astype(np.int32), _ranking_dtype(s.cpu().numpy()))
+    y = t.astype(np.int8)
+    return Predictions("multilabel", y, idx.numpy().astype(np.int32), _ranking_dtype(s.cpu().numpy(), y))
 
 
-def _ranking_dtype(s: np.ndarray) -> np.ndarray:
-    """`s` as float32 when that keeps every column's order and ties (rounding is monotone, so it does unless two
-    distinct values merge), else as float64."""
+def _ranking_dtype(s: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`s` as float32 when every class keeps its sequence of labels in rank order (then every AP, of the full set or
+    of a resample, is the same: rounding is monotone and only merges neighbours, and two merged neighbours of one
+    label may swap freely), else as float64."""
     s32 = s.astype(np.float32)
-    if s.dtype in (np.float16, np.float32) or len(s) < 2:
+    if s.dtype in (np.float16, np.float32):
         return s32
-    order = np.argsort(s, axis=0, kind="stable")
-    up64 = np.diff(np.take_along_axis(s, order, 0), axis=0) > 0
-    up32 = np.diff(np.take_along_axis(s32, order, 0), axis=0) > 0
-    return s32 if np.array_equal(up64, up32) else s.astype(np.float64)
+    same = all(np.array_equal(_rank(s[:, c], targets[:, c])[1], _rank(s32[:, c], targets[:, c])[1])
+               for c in range(targets.shape[1]))
+    return s32 if same else s.astype(np.float64)
 
 
 def base_metric(metric: str) -> str:

@@ -135,13 +135,22 @@ def test_multilabel_sets_score_top1_only_with_one_positive_per_image() -> None:
         rescore(p, "AP")
 
 
-def test_multilabel_scores_are_float32_unless_that_merges_two_scores_of_a_class() -> None:
-    t = voc_targets(4, 2, 0)
+def test_multilabel_scores_are_float32_unless_that_reorders_the_labels_of_a_class() -> None:
+    t = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=np.int8)
     assert multilabel(np.random.default_rng(0).normal(size=(4, 2)), t).scores.dtype == np.float32
-    close = np.array([[1.0, 0.1], [1.0 + 1e-12, 0.2], [0.5, 0.3], [0.0, 0.4]])  # distinct in float64 only
+    # 1 + 1e-12 and 1.0 are one float32: tied, the later image would rank first (VISSL's order), a negative before
+    # the positive it followed in float64
+    close = np.array([[1.0 + 1e-12, 0.1], [1.0, 0.2], [0.5, 0.3], [0.0, 0.4]])
     p = multilabel(close, t)
     assert p.scores.dtype == np.float64 and np.array_equal(p.scores, close)
-    assert rescore(p, "map") == mean_average_precision(close, t)[0]
+    assert rescore(p, "map") == mean_average_precision(close, t)[0] != mean_average_precision(close.astype(np.float32), t)[0]
+    same_label = np.array([[1, 0], [1, 1], [0, 0], [0, 1]], dtype=np.int8)  # the merged pair shares its label: harmless
+    kept = multilabel(close, same_label)
+    assert kept.scores.dtype == np.float32
+    from benchmark.store.predictions import _class_aps
+
+    counts = np.random.default_rng(0).integers(0, 3, (50, 4)).astype(float)  # and so is every resample's AP
+    np.testing.assert_array_equal(_class_aps(kept.scores, same_label)(counts), _class_aps(close, same_label)(counts))
 
 
 # ----------------------------------------------------------------------------- files

@@ -44,25 +44,14 @@ def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
     return float((top == y.view(-1, 1)).any(dim=1).float().mean())
 
 
-def mean_class_accuracy(scores: Tensor, y: Tensor) -> float:
-    """Top-1 recall of each class present in `y`, averaged over those classes (mmpretrain's `average_mode='macro'`
-    recall, sklearn's `balanced_accuracy_score`): every class counts the same however many test images it has."""
-    pred = scores.argmax(dim=1)
-    classes = torch.unique(y)
-    if len(classes) == 0:
-        return math.nan
-    recall = [float((pred[y == c] == c).float().mean()) for c in classes]
-    return sum(recall) / len(recall)
-
-
 def classification_rows(scores: Tensor, y: Tensor, suffix: str = "", **row: object) -> list[Row]:
     """The test rows every single-label classification protocol reports from its scores (N, K): top1, top5 (more
     than 5 classes), and `mean_class_acc` (for imbalanced test sets); `suffix` tags the metric names (`_1pct`,
     `_res4`), `row` the remaining `Row` fields (selection, n_train, extra, split).
 
     The values are computed from the per-sample predictions that test rows carry (`Row.samples`), so a stored set
-    re-scores its rows exactly; both accuracies read one `topk` ranking (at tied scores `mean_class_accuracy`'s argmax
-    may pick another of the tied classes)."""
+    re-scores its rows exactly; every accuracy reads one `topk` ranking (at tied scores an argmax may pick another of
+    the tied classes)."""
     p = single_label(scores, y)
     names = ["top1", *(["top5"] if scores.shape[1] > 5 else []), "mean_class_acc"]
     samples = p if row.get("split", "test") == "test" else None

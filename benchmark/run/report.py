@@ -343,7 +343,7 @@ def _pct(x: float) -> str:
     return "" if math.isnan(x) else f"{100 * x:.2f}"
 
 
-def metrics_table(section: str, cols: list[Column]) -> str:
+def metrics_table(cols: list[Column]) -> str:
     """Rows x the protocol's metrics: mean ± std (n seeds) and the 95% interval; the best row of each column in bold,
     rows not significantly different from it marked ≈."""
     rows = sorted({r for c in cols for r in c.stats.index}, key=lambda r: (-cols[0].stats["mean"].get(r, -1.0), r))
@@ -390,7 +390,7 @@ def pairs_table(col: Column) -> str:
 def protocol_section(section: str, cols: list[Column], idx: int) -> str:
     head = headline([c.name for c in cols])
     chart = bar_chart([c for c in cols if c.name in head][:8], section)
-    parts = [f'<section class="protocol" data-section="{_e(section)}"><h2>{_e(section)}</h2>', metrics_table(section, cols),
+    parts = [f'<section class="protocol" data-section="{_e(section)}"><h2>{_e(section)}</h2>', metrics_table(cols),
              f'<figure class="chart bars" id="bars-{idx}">{chart}</figure>']
     for c in cols:
         if c.pairs is not None:

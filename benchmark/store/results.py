@@ -174,7 +174,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     table["flags"] = ok.groupby("row")["flags"].agg(lambda v: ",".join(sorted({f for x in v for f in str(x).split(",") if f and f not in ("nan", "None")})))
     table.index.name = "method"
     first = [c for c in table.columns if "/" in c]
-    order = table[first[0]].str.split(" ").str[0].replace("", "nan").astype(float) if first else None
+    order = _first_number(table[first[0]]) if first else None
     table = table.reset_index()
     if order is not None:
         table = table.assign(_o=order.values).sort_values(["_o", "method"], ascending=[False, True]).drop(columns="_o")

@@ -271,8 +271,9 @@ def pretraining_chart(histories: list[dict[str, Any]], dataset: str) -> str:
     for ax, (key, title) in zip(axes[0], keys):
         for row in sorted({h["row"] for h in runs}):
             frames = [pd.DataFrame(h["history"]) for h in runs if h["row"] == row]
-            curve = pd.concat(frames).groupby("epoch")[key].mean() if all(key in f for f in frames) else None
-            if curve is not None:
+            # an online kNN is in every eval_every-th entry only: its line joins the epochs that have one
+            curve = pd.concat(frames).groupby("epoch")[key].mean().dropna() if all(key in f for f in frames) else None
+            if curve is not None and len(curve):
                 ax.plot(curve.index, curve.values, marker="." if len(curve) < 30 else None, label=row)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
